@@ -1,0 +1,1 @@
+"""pytest-orch plugin (placeholder until the harness lands)."""

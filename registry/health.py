@@ -1,0 +1,327 @@
+"""Health check and repair of a workspace against its live tmux sessions.
+
+:func:`check` only reads.  :func:`repair` backs every file up, then, holding every lock (tasks by sorted id, then
+the global registry): reaps zombies, recomputes counters and the hierarchy from the agents lists, rebuilds the global
+registry from the task registries, and kills leaked sessions when asked.  A file it cannot parse is left alone unless
+told to restore it, and then it says whether it restored the backup or rebuilt the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import model
+from .errors import CorruptRegistry, SessionError
+from .model import Violation, is_active
+from .ops import Registry, now
+from .sessions import TmuxSessions
+from .store import JsonFile, backup_path, dumps, parse
+
+__all__ = ["Finding", "HealthReport", "RepairReport", "check", "repair"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem.  ``kind`` is stable (``zombie``, ``leak``, ``corrupt``, ``count_drift``, ...)."""
+
+    kind: str
+    message: str
+    task_id: str | None = None
+    agent_id: str | None = None
+    path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    base: str
+    tasks: int
+    agents: int
+    active: int
+    sessions: int | None  # live agent_* sessions, None when tmux could not be asked
+    findings: tuple[Finding, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.findings
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    @property
+    def zombies(self) -> list[str]:
+        return sorted(f.agent_id for f in self.of_kind("zombie") if f.agent_id)
+
+    @property
+    def leaks(self) -> list[str]:
+        return sorted(f.path for f in self.of_kind("leak") if f.path)
+
+    def render(self) -> str:
+        sessions = "tmux unreachable" if self.sessions is None else f"{self.sessions} agent sessions alive"
+        lines = [f"{self.base}: {self.tasks} tasks, {self.agents} agents, {self.active} active, {sessions}"]
+        if self.healthy:
+            lines.append("healthy: every invariant holds and the registry agrees with tmux")
+            return "\n".join(lines)
+        kinds: dict[str, list[Finding]] = {}
+        for finding in self.findings:
+            kinds.setdefault(finding.kind, []).append(finding)
+        lines.append(f"{len(self.findings)} problems:")
+        for kind, found in kinds.items():
+            lines.append(f"  {kind} ({len(found)})")
+            lines.extend(f"    - {f.message}" for f in found)
+        lines.append(f"fix with: orch-registry repair --base {self.base}  (add --dry-run to see what it would do)")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base": self.base, "healthy": self.healthy, "tasks": self.tasks, "agents": self.agents,
+                "active": self.active, "sessions": self.sessions, "zombies": self.zombies, "leaks": self.leaks,
+                "findings": [f.to_json() for f in self.findings]}
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    base: str
+    dry_run: bool
+    backup_dir: str | None
+    actions: tuple[str, ...]
+    refused: tuple[str, ...] = field(default=())
+
+    def render(self) -> str:
+        head = "would do" if self.dry_run else "did"
+        lines = [f"{self.base}: repair {'(dry run) ' if self.dry_run else ''}"
+                 + (f"backed up to {self.backup_dir}" if self.backup_dir else "made no backup")]
+        lines += [f"  {head}: {a}" for a in self.actions] or ["  nothing to repair"]
+        lines += [f"  refused: {r}" for r in self.refused]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base": self.base, "dry_run": self.dry_run, "backup_dir": self.backup_dir,
+                "actions": list(self.actions), "refused": list(self.refused)}
+
+
+def _violation(v: Violation) -> Finding:
+    return Finding(v.rule, v.message, v.task_id, v.agent_id)
+
+
+def _load_all(reg: Registry) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None, list[Finding]]:
+    """Every task document that parses, the global document (or None), and findings for those that do not."""
+    findings: list[Finding] = []
+    tasks: dict[str, dict[str, Any]] = {}
+    for task_id in reg.task_ids():
+        try:
+            tasks[task_id] = reg.task_file(task_id).read()
+        except CorruptRegistry as exc:
+            findings.append(Finding("corrupt", str(exc), task_id, path=exc.path))
+        except FileNotFoundError:  # removed while we looked
+            continue
+    glob: dict[str, Any] | None = None
+    try:
+        glob = reg.global_file.read()
+    except CorruptRegistry as exc:
+        findings.append(Finding("corrupt", str(exc), path=exc.path))
+    except FileNotFoundError:
+        if tasks or findings:
+            findings.append(Finding("missing", f"the global registry {reg.global_file.path} is missing",
+                                    path=str(reg.global_file.path)))
+    return tasks, glob, findings
+
+
+def _session_findings(tasks: dict[str, dict[str, Any]], alive: set[str]) -> list[Finding]:
+    findings = []
+    owned = set()
+    for task_id, task in tasks.items():
+        for agent in task["agents"]:
+            session = agent.get("tmux_session") or model.session_name(agent["id"])
+            if is_active(agent):
+                owned.add(session)
+                if session not in alive:
+                    findings.append(Finding("zombie", f"{task_id}: agent {agent['id']} is {agent['status']} but its"
+                                                      f" session {session} is gone", task_id, agent["id"]))
+    for session in sorted(alive - owned):
+        if session.startswith("agent_"):
+            findings.append(Finding("leak", f"session {session} runs with no active agent in any registry",
+                                    path=session))
+    return findings
+
+
+def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthReport:
+    """Read the workspace at *base* and report every problem, without changing anything."""
+    reg = Registry(base, sessions=sessions, heal=False)
+    tasks, glob, findings = _load_all(reg)
+    for task in tasks.values():
+        findings += [_violation(v) for v in model.task_violations(task)]
+    if glob is not None:
+        complete = not any(f.kind == "corrupt" and f.task_id for f in findings)
+        findings += [_violation(v) for v in model.global_violations(glob, tasks, complete=complete)]
+    alive: set[str] | None
+    try:
+        alive = reg.sessions.alive()
+    except SessionError as exc:
+        alive = None
+        findings.append(Finding("tmux_unreachable", f"{exc}; zombies and leaks were not checked"))
+    if alive is not None:
+        findings += _session_findings(tasks, alive)
+    agents = [a for t in tasks.values() for a in t["agents"]]
+    return HealthReport(str(reg.base), len(tasks), len(agents), sum(1 for a in agents if is_active(a)),
+                        None if alive is None else sum(1 for s in alive if s.startswith("agent_")),
+                        tuple(findings))
+
+
+def _backup(reg: Registry, files: list[JsonFile]) -> Path:
+    target = reg.base / ".backups" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    for file in files:
+        if file.path.exists():
+            dest = target / file.path.relative_to(reg.base)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file.path, dest)
+    return target
+
+
+def _restore_task(reg: Registry, task_id: str, glob: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """A replacement for a corrupt task registry: its backup if that parses, else a rebuild from the global view."""
+    file = reg.task_file(task_id)
+    bak = backup_path(file.path)
+    with contextlib.suppress(OSError, CorruptRegistry):
+        doc = parse(bak.read_bytes(), bak)
+        if not model.task_shape_problems(doc) and doc["task_id"] == task_id:
+            return doc, f"restored {file.path} from its backup {bak}"
+    if glob is not None and task_id in glob.get("tasks", {}):
+        entry = glob["tasks"][task_id]
+        doc = model.new_task_document(
+            task_id, entry.get("description", ""), priority="P1", max_agents=model.DEFAULT_MAX_AGENTS,
+            max_depth=model.DEFAULT_MAX_DEPTH, max_concurrent=model.DEFAULT_MAX_CONCURRENT,
+            workspace=str(file.path.parent), workspace_base=str(reg.base), client_cwd=None,
+            now=entry.get("created_at") or now())
+        doc["status"] = entry.get("status", "INITIALIZED")
+        views = [(a, v) for a, v in glob["agents"].items() if v.get("task_id") == task_id]
+        depth: dict[str, int] = {}
+        for agent_id, view in views:
+            agent = {"id": agent_id, **{k: v for k, v in view.items() if k != "task_id"}}
+            agent.setdefault("progress", 0)
+            agent.setdefault("prompt", "")
+            doc["agents"].append(agent)
+        by_id = {a["id"]: a for a in doc["agents"]}
+        for agent in doc["agents"]:  # depth from the parent chain; the global registry does not record it
+            chain, node = 0, agent
+            while node is not None and chain <= len(by_id):
+                chain += 1
+                node = by_id.get(node.get("parent", model.ORCHESTRATOR))
+            depth[agent["id"]] = chain
+            agent["depth"] = chain
+        doc["max_depth"] = max([model.DEFAULT_MAX_DEPTH, *depth.values()])
+        return doc, (f"rebuilt {file.path} from the global registry (no usable backup): prompts, progress and"
+                     " limits were not recorded there and are defaults now")
+    return None, f"{file.path} is corrupt and has neither a usable backup nor an entry in the global registry"
+
+
+def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kill_leaks: bool = False,
+           sessions: TmuxSessions | None = None) -> RepairReport:
+    """Repair the workspace at *base*; with *dry_run* (the default) only say what would be done.
+
+    Raises LockTimeout if a lock cannot be had.  Corrupt files are refused unless *restore*.
+    """
+    reg = Registry(base, sessions=sessions, heal=False)
+    actions: list[str] = []
+    refused: list[str] = []
+    task_ids = reg.task_ids()
+    files = [reg.task_file(t) for t in task_ids]
+    with contextlib.ExitStack() as stack:
+        for file in files:
+            stack.enter_context(file.locked())
+        reg.global_file.path.parent.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(reg.global_file.locked())
+        tasks, glob, problems = _load_all(reg)
+        backup_dir = None if dry_run else _backup(reg, [*files, reg.global_file])
+        changed: set[str] = set()
+
+        for problem in problems:
+            if problem.kind == "corrupt" and problem.task_id:
+                if not restore:
+                    refused.append(f"{problem.path} is corrupt; rerun with --restore to restore or rebuild it")
+                    continue
+                doc, what = _restore_task(reg, problem.task_id, glob)
+                (actions if doc is not None else refused).append(what)
+                if doc is not None:
+                    tasks[problem.task_id] = doc
+                    changed.add(problem.task_id)
+        global_corrupt = any(p.kind == "corrupt" and not p.task_id for p in problems)
+        if global_corrupt and not restore:
+            refused.append(f"{reg.global_file.path} is corrupt; rerun with --restore to rebuild it from the tasks")
+
+        try:
+            alive: set[str] | None = reg.sessions.alive()
+        except SessionError as exc:
+            alive = None
+            refused.append(f"reaping zombies and leaks: {exc}")
+        stamp = now()
+        for task_id, task in tasks.items():
+            if alive is not None:
+                for agent in task["agents"]:
+                    session = agent.get("tmux_session") or model.session_name(agent["id"])
+                    if is_active(agent) and session not in alive:
+                        Registry._finish(task, agent, "terminated", stamp, reason="session_not_found")
+                        actions.append(f"{task_id}: marked zombie {agent['id']} terminated (session_not_found)")
+                        changed.add(task_id)
+            for key, (old, new) in model.recompute_task_counters(task).items():
+                actions.append(f"{task_id}: {key} {old!r} -> {new}")
+                changed.add(task_id)
+            if any(v.rule == "broken_hierarchy" and v.agent_id is None for v in model.task_violations(task)):
+                task["agent_hierarchy"] = model.hierarchy_from_parents(task["agents"])
+                actions.append(f"{task_id}: rebuilt agent_hierarchy from the agents' parents")
+                changed.add(task_id)
+            for v in model.task_violations(task):
+                if v.rule in ("duplicate_id", "wrong_depth", "max_depth", "max_agents", "max_concurrent",
+                              "unknown_status", "broken_hierarchy"):
+                    refused.append(f"{v.message} (left for a person to decide)")
+
+        original_global = None if glob is None else dumps(glob)
+        if (glob is None and not global_corrupt) or (global_corrupt and restore):
+            new_glob = model.new_global_document(stamp)
+            if glob is not None:
+                new_glob["created_at"] = glob.get("created_at", stamp)
+            for task in tasks.values():
+                model.sync_global(new_glob, task, stamp)
+            actions.append(f"rebuilt {reg.global_file.path} from {len(tasks)} task registries")
+            glob = new_glob
+        elif glob is not None:
+            disagreements = model.global_violations(glob, tasks, complete=False)
+            for task in tasks.values():
+                model.sync_global(glob, task, stamp)
+            kept = set(tasks) | {p.task_id for p in problems if p.kind == "corrupt" and p.task_id}
+            for agent_id in [a for a, v in glob["agents"].items() if v.get("task_id") not in kept]:
+                del glob["agents"][agent_id]
+                actions.append(f"removed agent {agent_id}, whose task no longer exists, from the global registry")
+            for task_id in [t for t in glob["tasks"] if t not in kept]:
+                del glob["tasks"][task_id]
+                actions.append(f"removed task {task_id}, which no longer exists, from the global registry")
+            model.recompute_global_totals(glob)
+            if disagreements:
+                actions.append(f"re-synced the global registry with the tasks ({len(disagreements)} disagreements)")
+        write_global = glob is not None and dumps(glob) != original_global
+
+        if alive is not None:
+            owned = {a.get("tmux_session") or model.session_name(a["id"])
+                     for t in tasks.values() for a in t["agents"] if is_active(a)}
+            for session in sorted(s for s in alive - owned if s.startswith("agent_")):
+                if kill_leaks:
+                    if not dry_run:
+                        reg.sessions.kill(session)
+                    actions.append(f"killed leaked session {session}")
+                else:
+                    refused.append(f"leaked session {session} left running (pass --kill-leaks to kill it)")
+
+        if not dry_run:
+            for task_id in sorted(changed):
+                reg.task_file(task_id).write(tasks[task_id])
+            if write_global:
+                reg.global_file.write(glob)
+    return RepairReport(str(reg.base), dry_run, None if backup_dir is None else str(backup_dir), tuple(actions),
+                        tuple(refused))
+

@@ -1,0 +1,350 @@
+"""Statuses, document shapes and the invariants of a registry.  Pure functions, no I/O.
+
+The task registries (``<base>/<TASK_ID>/AGENT_REGISTRY.json``) are the source of truth.  The global registry
+(``<base>/registry/GLOBAL_REGISTRY.json``) is a view of them: :func:`project_task` says exactly what the global
+registry records of one task, so keeping the two in agreement is a matter of writing that projection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidName
+
+ACTIVE = frozenset({"running", "working", "blocked"})
+TERMINAL = frozenset({"completed", "terminated", "error", "failed"})
+STATUSES = ACTIVE | TERMINAL
+ORCHESTRATOR = "orchestrator"
+
+DEFAULT_MAX_AGENTS = 45
+DEFAULT_MAX_DEPTH = 5
+DEFAULT_MAX_CONCURRENT = 20
+
+TASK_FILE = "AGENT_REGISTRY.json"
+GLOBAL_DIR = "registry"
+GLOBAL_FILE = "GLOBAL_REGISTRY.json"
+
+# Task statuses that no longer count as active tasks in the global totals (the samples use "INITIALIZED").
+FINISHED_TASK_STATUSES = frozenset({"completed", "failed", "cancelled", "terminated", "error"})
+
+# What the global registry mirrors of each agent; ``last_update`` is refreshed whenever the entry is written.
+GLOBAL_AGENT_FIELDS = ("task_id", "type", "parent", "started_at", "tmux_session", "status")
+GLOBAL_AGENT_OPTIONAL = ("completed_at", "terminated_at", "termination_reason")
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+MAX_NAME = 64
+
+
+def validate_name(kind: str, value: object) -> str:
+    """Return *value* if it is safe as a path component and inside a tmux session name, else raise InvalidName.
+
+    Safe means 1 to 64 characters of letters, digits, ``_`` and ``-``, not starting with ``-`` or ``_``: no ``/``,
+    ``..``, ``.``, ``:``, spaces or control characters.
+
+    >>> validate_name("task id", "TASK-20251017-213512-5169d812")
+    'TASK-20251017-213512-5169d812'
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidName(f"{kind} must be a non-empty string, not {value!r}", kind=kind, value=value)
+    if len(value) > MAX_NAME:
+        raise InvalidName(f"{kind} {value[:20]!r}... is {len(value)} characters; the limit is {MAX_NAME}",
+                          kind=kind, value=value)
+    if not _SAFE_NAME.fullmatch(value):
+        raise InvalidName(
+            f"{kind} {value!r} may hold only letters, digits, '_' and '-', and must start with a letter or digit"
+            " (it becomes a directory name and part of a tmux session name)",
+            kind=kind, value=value)
+    return value
+
+
+def session_name(agent_id: str) -> str:
+    return f"agent_{agent_id}"
+
+
+def is_active(agent: Mapping[str, Any]) -> bool:
+    return agent.get("status") in ACTIVE
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Projection: what the global registry holds of a task
+
+
+def project_task(task: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The global registry's entry for *task* and its entries for the task's agents (``last_update`` excluded)."""
+    task_id = task["task_id"]
+    entry = {
+        "description": task.get("task_description", ""),
+        "created_at": task.get("created_at"),
+        "status": task.get("status"),
+    }
+    agents: dict[str, dict[str, Any]] = {}
+    for agent in task.get("agents", []):
+        view = {"task_id": task_id}
+        view.update({key: agent.get(key) for key in GLOBAL_AGENT_FIELDS if key != "task_id"})
+        view.update({key: agent[key] for key in GLOBAL_AGENT_OPTIONAL if key in agent})
+        agents[agent["id"]] = view
+    return entry, agents
+
+
+def sync_global(glob: dict[str, Any], task: Mapping[str, Any], now: str) -> bool:
+    """Make *glob* record *task* exactly as :func:`project_task` says, then recompute its totals.
+
+    Keys of existing entries that the projection does not name are kept.  Returns whether anything that the global
+    registry is for (membership, statuses, totals) changed; ``last_update`` alone does not count.
+    """
+    entry, agents = project_task(task)
+    task_id = task["task_id"]
+    changed = False
+    tasks = glob.setdefault("tasks", {})
+    old_entry = tasks.get(task_id)
+    if old_entry is None or any(old_entry.get(k) != v for k, v in entry.items()):
+        tasks[task_id] = {**(old_entry or {}), **entry}
+        changed = True
+    all_agents = glob.setdefault("agents", {})
+    for agent_id in [a for a, view in all_agents.items() if view.get("task_id") == task_id and a not in agents]:
+        del all_agents[agent_id]
+        changed = True
+    for agent_id, view in agents.items():
+        old = all_agents.get(agent_id)
+        if old is None or any(old.get(k) != v for k, v in view.items()) or any(
+                k in old and k not in view for k in GLOBAL_AGENT_OPTIONAL):
+            kept = {k: v for k, v in (old or {}).items() if k not in GLOBAL_AGENT_OPTIONAL}
+            all_agents[agent_id] = {**kept, **view, "last_update": now}
+            changed = True
+    return recompute_global_totals(glob) or changed
+
+
+def recompute_global_totals(glob: dict[str, Any]) -> bool:
+    totals = {
+        "total_tasks": len(glob.get("tasks", {})),
+        "active_tasks": sum(1 for t in glob.get("tasks", {}).values()
+                            if str(t.get("status", "")).lower() not in FINISHED_TASK_STATUSES),
+        "total_agents_spawned": len(glob.get("agents", {})),
+        "active_agents": sum(1 for a in glob.get("agents", {}).values() if is_active(a)),
+    }
+    changed = any(glob.get(k) != v for k, v in totals.items())
+    glob.update(totals)
+    return changed
+
+
+def recompute_task_counters(task: dict[str, Any]) -> dict[str, tuple[Any, int]]:
+    """Set total_spawned, active_count and completed_count from the agents list; return what changed (old, new)."""
+    agents = task.get("agents", [])
+    want = {
+        "total_spawned": len(agents),
+        "active_count": sum(1 for a in agents if is_active(a)),
+        "completed_count": sum(1 for a in agents if a.get("status") == "completed"),
+    }
+    changes = {k: (task.get(k), v) for k, v in want.items() if task.get(k) != v}
+    task.update(want)
+    return changes
+
+
+def hierarchy_from_parents(agents: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    hierarchy: dict[str, list[str]] = {ORCHESTRATOR: []}
+    for agent in agents:
+        hierarchy.setdefault(agent.get("parent", ORCHESTRATOR), []).append(agent["id"])
+    return hierarchy
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Invariants
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken invariant.  ``rule`` is a stable name for it; ``message`` reads on its own."""
+
+    rule: str
+    message: str
+    task_id: str | None = None
+    agent_id: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def task_shape_problems(doc: object) -> list[str]:
+    """What is wrong with the shape of a task document, or nothing.  Used to refuse a file before trusting it."""
+    if not isinstance(doc, dict):
+        return [f"the document is a JSON {type(doc).__name__}, not an object"]
+    problems = []
+    if not isinstance(doc.get("task_id"), str):
+        problems.append("'task_id' is missing or not a string")
+    agents = doc.get("agents")
+    if not isinstance(agents, list):
+        problems.append("'agents' is missing or not a list")
+    elif not all(isinstance(a, dict) and isinstance(a.get("id"), str) for a in agents):
+        problems.append("an entry of 'agents' is not an object with a string 'id'")
+    if "agent_hierarchy" in doc and not isinstance(doc["agent_hierarchy"], dict):
+        problems.append("'agent_hierarchy' is not an object")
+    for key in ("max_agents", "max_depth", "max_concurrent"):
+        if key in doc and not isinstance(doc[key], int):
+            problems.append(f"'{key}' is not an integer")
+    return problems
+
+
+def global_shape_problems(doc: object) -> list[str]:
+    if not isinstance(doc, dict):
+        return [f"the document is a JSON {type(doc).__name__}, not an object"]
+    problems = []
+    for key in ("tasks", "agents"):
+        value = doc.get(key)
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            problems.append(f"'{key}' is missing or not an object of objects")
+    return problems
+
+
+def task_violations(task: Mapping[str, Any]) -> list[Violation]:
+    """Every invariant of one task registry that does not hold.
+
+    Counters agree with the agents list, ids are unique, parents exist and agent_hierarchy matches them, depth is
+    parent depth + 1 and within max_depth, and the active and total counts are within max_concurrent and max_agents.
+    """
+    tid = task.get("task_id")
+    out: list[Violation] = []
+    agents = task.get("agents", [])
+
+    def v(rule: str, message: str, agent_id: str | None = None) -> None:
+        out.append(Violation(rule, f"{tid}: {message}", tid, agent_id))
+
+    actual = {
+        "total_spawned": len(agents),
+        "active_count": sum(1 for a in agents if is_active(a)),
+        "completed_count": sum(1 for a in agents if a.get("status") == "completed"),
+    }
+    for key, value in actual.items():
+        if task.get(key) != value:
+            v("count_drift", f"{key} is {task.get(key)!r} but the agents list gives {value}")
+
+    ids = Counter(a.get("id") for a in agents)
+    for agent_id, n in ids.items():
+        if n > 1:
+            v("duplicate_id", f"agent id {agent_id} appears {n} times", agent_id)
+
+    by_id = {a.get("id"): a for a in agents}
+    for agent in agents:
+        aid, status = agent.get("id"), agent.get("status")
+        if status not in STATUSES:
+            v("unknown_status", f"agent {aid} has unknown status {status!r}", aid)
+        parent = agent.get("parent", ORCHESTRATOR)
+        if parent == ORCHESTRATOR:
+            want_depth = 1
+        elif parent in by_id:
+            parent_depth = by_id[parent].get("depth")
+            want_depth = parent_depth + 1 if isinstance(parent_depth, int) else None
+        else:
+            v("broken_hierarchy", f"agent {aid} has parent {parent!r}, which is not an agent of the task", aid)
+            want_depth = None
+        if want_depth is not None and agent.get("depth") != want_depth:
+            v("wrong_depth", f"agent {aid} has depth {agent.get('depth')!r}, its parent gives {want_depth}", aid)
+        max_depth = task.get("max_depth", DEFAULT_MAX_DEPTH)
+        if isinstance(agent.get("depth"), int) and agent["depth"] > max_depth:
+            v("max_depth", f"agent {aid} is at depth {agent['depth']}, over max_depth {max_depth}", aid)
+
+    hierarchy = task.get("agent_hierarchy")
+    if hierarchy is not None:
+        want = {p: sorted(c) for p, c in hierarchy_from_parents(agents).items() if c}
+        have = {p: sorted(c) for p, c in hierarchy.items() if c}
+        if want != have:
+            missing = sorted({(p, c) for p, cs in want.items() for c in cs} - {(p, c) for p, cs in have.items()
+                                                                              for c in cs})
+            extra = sorted({(p, c) for p, cs in have.items() for c in cs} - {(p, c) for p, cs in want.items()
+                                                                            for c in cs})
+            v("broken_hierarchy", f"agent_hierarchy disagrees with the parents: missing {missing}, extra {extra}")
+
+    max_concurrent = task.get("max_concurrent", DEFAULT_MAX_CONCURRENT)
+    if actual["active_count"] > max_concurrent:
+        v("max_concurrent", f"{actual['active_count']} agents are active, over max_concurrent {max_concurrent}")
+    max_agents = task.get("max_agents", DEFAULT_MAX_AGENTS)
+    if len(agents) > max_agents:
+        v("max_agents", f"{len(agents)} agents were spawned, over max_agents {max_agents}")
+    return out
+
+
+def global_violations(glob: Mapping[str, Any], tasks: Mapping[str, Mapping[str, Any]], *,
+                      complete: bool = True) -> list[Violation]:
+    """Where the global registry disagrees with the task registries *tasks* (task id -> document).
+
+    With *complete* (the default) *tasks* is every task of the workspace, so the global registry must hold nothing
+    else and its totals must equal the sums; otherwise only the given tasks are compared.
+    """
+    out: list[Violation] = []
+    g_agents: Mapping[str, Mapping[str, Any]] = glob.get("agents", {})
+    seen: set[str] = set()
+    for task_id, task in tasks.items():
+        entry, agents = project_task(task)
+        if task_id not in glob.get("tasks", {}):
+            out.append(Violation("global_divergence", f"the global registry has no entry for task {task_id}",
+                                 task_id))
+        for agent_id, view in agents.items():
+            seen.add(agent_id)
+            have = g_agents.get(agent_id)
+            if have is None:
+                out.append(Violation("global_divergence",
+                                     f"agent {agent_id} of task {task_id} is missing from the global registry",
+                                     task_id, agent_id))
+                continue
+            diffs = [f"{k} {have.get(k)!r} (task says {view.get(k)!r})" for k in ("task_id", "type", "status",
+                                                                               "parent") if have.get(k) != view.get(k)]
+            if diffs:
+                out.append(Violation("global_divergence",
+                                     f"the global registry has agent {agent_id} with " + ", ".join(diffs),
+                                     task_id, agent_id))
+    for agent_id, have in g_agents.items():
+        if agent_id not in seen and (complete or have.get("task_id") in tasks):
+            out.append(Violation("global_divergence",
+                                 f"the global registry has agent {agent_id} that task {have.get('task_id')} lacks",
+                                 have.get("task_id"), agent_id))
+    if not complete:
+        return out
+    spawned = sum(len(t.get("agents", [])) for t in tasks.values())
+    active = sum(1 for t in tasks.values() for a in t.get("agents", []) if is_active(a))
+    if glob.get("total_agents_spawned") != spawned:
+        out.append(Violation("global_count_drift",
+                             f"global total_agents_spawned is {glob.get('total_agents_spawned')!r}, the tasks sum to"
+                             f" {spawned}"))
+    if glob.get("active_agents") != active:
+        out.append(Violation("global_count_drift",
+                             f"global active_agents is {glob.get('active_agents')!r}, the tasks sum to {active}"))
+    return out
+
+
+def new_task_document(task_id: str, description: str, *, priority: str, max_agents: int, max_depth: int,
+                      max_concurrent: int, workspace: str, workspace_base: str, client_cwd: str | None,
+                      now: str) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "task_description": description,
+        "created_at": now,
+        "workspace": workspace,
+        "workspace_base": workspace_base,
+        "client_cwd": client_cwd,
+        "status": "INITIALIZED",
+        "priority": priority,
+        "agents": [],
+        "agent_hierarchy": {ORCHESTRATOR: []},
+        "max_agents": max_agents,
+        "max_depth": max_depth,
+        "max_concurrent": max_concurrent,
+        "total_spawned": 0,
+        "active_count": 0,
+        "completed_count": 0,
+    }
+
+
+def new_global_document(now: str, max_concurrent_agents: int = DEFAULT_MAX_CONCURRENT) -> dict[str, Any]:
+    return {
+        "created_at": now,
+        "total_tasks": 0,
+        "active_tasks": 0,
+        "total_agents_spawned": 0,
+        "active_agents": 0,
+        "max_concurrent_agents": max_concurrent_agents,
+        "tasks": {},
+        "agents": {},
+    }

@@ -1,0 +1,380 @@
+"""The registry's operations, each one atomic step over the task registry and the global registry.
+
+Locks are always taken in one order: the task registry, then the global registry (several tasks: by sorted id).
+An operation that changes what the global registry records holds both locks from its read to its last write, so
+no other writer sees the two disagree.
+
+A crash between the task write and the global write is the one way they can still disagree.  The task registries
+are the source of truth and the global registry is their projection (:func:`registry.model.project_task`), so the
+design is *rebuild the global view from the tasks*: every operation that writes the global registry rewrites the
+whole projection of its task, and :meth:`Registry.heal`, run when a :class:`Registry` is opened, re-syncs any task
+whose projection the global registry does not match.  No write-ahead log, and no extra fsync on the hot path.
+
+A progress report that does not change an agent's status writes the task registry only: the global registry does
+not record progress, and its ``last_update`` is refreshed whenever its entry is rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import model
+from .errors import (
+    DuplicateAgent,
+    InvalidArgument,
+    InvalidTransition,
+    LimitExceeded,
+    RegistryMissing,
+    SessionError,
+    UnknownAgent,
+    UnknownTask,
+)
+from .model import ACTIVE, ORCHESTRATOR, STATUSES, TERMINAL, is_active, validate_name
+from .sessions import TmuxSessions, agent_command
+from .store import JsonFile, crash_point
+
+__all__ = ["Registry", "default_base"]
+
+
+def default_base() -> Path:
+    """``ORCH_WORKSPACE`` if set, else ``./.agent-workspace``."""
+    return Path(os.environ.get("ORCH_WORKSPACE") or ".agent-workspace")
+
+
+def now() -> str:
+    return datetime.now().isoformat()
+
+
+def _limit(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"{name} must be a whole number of at least 1, not {value!r}", name=name, value=value)
+    return value
+
+
+class Registry:
+    """The agent registry of one workspace.
+
+    >>> reg = Registry(tmp_path)                                  # doctest: +SKIP
+    >>> task = reg.create_task("fix the flaky test")              # doctest: +SKIP
+    >>> agent = reg.deploy(task, "investigator", "look at it")    # doctest: +SKIP
+    >>> reg.update(task, agent["id"], "completed", progress=100)  # doctest: +SKIP
+
+    *sessions* is the tmux seam (default: :class:`TmuxSessions` on the default server); *agent_command* is the
+    template a new session runs (see :func:`registry.sessions.agent_command`).  With *heal* (the default), opening
+    re-syncs the global registry with the task registries if a crash left them apart.
+    """
+
+    def __init__(self, base: str | Path | None = None, *, sessions: TmuxSessions | None = None,
+                 agent_command: str | None = None, lock_timeout: float | None = None, heal: bool = True) -> None:
+        self.base = Path(base if base is not None else default_base()).absolute()
+        self.sessions = sessions if sessions is not None else TmuxSessions()
+        self.agent_command = agent_command
+        self.lock_timeout = lock_timeout
+        self._files: dict[str, JsonFile] = {}
+        self.global_file = JsonFile(self.base / model.GLOBAL_DIR / model.GLOBAL_FILE,
+                                    validate=model.global_shape_problems, lock_timeout=lock_timeout)
+        if heal:
+            self.heal()
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.base)!r})"
+
+    # -- files ----------------------------------------------------------------------------------------------------
+
+    def task_file(self, task_id: str) -> JsonFile:
+        file = self._files.get(task_id)
+        if file is None:
+            validate_name("task id", task_id)
+            file = JsonFile(self.base / task_id / model.TASK_FILE, validate=model.task_shape_problems,
+                            lock_timeout=self.lock_timeout)
+            self._files[task_id] = file
+        return file
+
+    def task_ids(self) -> list[str]:
+        """Ids of every task registry in the workspace, sorted."""
+        if not self.base.is_dir():
+            return []
+        return sorted(p.name for p in self.base.iterdir() if (p / model.TASK_FILE).is_file())
+
+    def _read_task(self, task_id: str) -> dict[str, Any]:
+        file = self.task_file(task_id)
+        try:
+            doc: dict[str, Any] = file.read()
+        except FileNotFoundError:
+            raise UnknownTask(f"no task {task_id} in {self.base} (there is no {file.path})", task_id=task_id) from None
+        return doc
+
+    def _read_global(self) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = self.global_file.read()
+        except FileNotFoundError:
+            raise RegistryMissing(
+                f"the global registry {self.global_file.path} is missing although task registries exist. Rebuild"
+                f" it from them with `orch-registry repair --base {self.base}`.", path=str(self.global_file.path)
+            ) from None
+        return doc
+
+    @contextlib.contextmanager
+    def _both_locked(self, task_id: str) -> Iterator[JsonFile]:
+        task = self.task_file(task_id)
+        with task.locked(), self.global_file.locked():
+            yield task
+
+    def _commit(self, task_file: JsonFile, task: dict[str, Any], glob: dict[str, Any]) -> None:
+        """Write the task registry, then its projection into the global registry.  Both locks are held."""
+        task_file.write(task)
+        crash_point("between_task_and_global", task_file.path)
+        model.sync_global(glob, task, now())
+        self.global_file.write(glob)
+
+    # -- operations -----------------------------------------------------------------------------------------------
+
+    def create_task(self, description: str, priority: str = "P1", max_agents: int = model.DEFAULT_MAX_AGENTS,
+                    max_depth: int = model.DEFAULT_MAX_DEPTH, max_concurrent: int = model.DEFAULT_MAX_CONCURRENT, *,
+                    task_id: str | None = None, client_cwd: str | None = None) -> str:
+        """Create a task registry and register it in the global registry; return its id."""
+        limits = {"max_agents": _limit("max_agents", max_agents), "max_depth": _limit("max_depth", max_depth),
+                  "max_concurrent": _limit("max_concurrent", max_concurrent)}
+        stamp = now()
+        task_id = task_id or f"TASK-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+        file = self.task_file(task_id)
+        file.path.parent.mkdir(parents=True, exist_ok=True)
+        self.global_file.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._both_locked(task_id):
+            if file.path.exists():
+                raise InvalidArgument(f"task {task_id} already exists in {self.base}", task_id=task_id)
+            try:
+                glob = self.global_file.read()
+            except FileNotFoundError:
+                if any(t != task_id for t in self.task_ids()):
+                    self._read_global()  # raises RegistryMissing: never start a new global over existing tasks
+                glob = model.new_global_document(stamp)
+            task = model.new_task_document(
+                task_id, description, priority=priority, workspace=str(file.path.parent),
+                workspace_base=str(self.base), client_cwd=client_cwd, now=stamp, **limits)
+            self._commit(file, task, glob)
+        return task_id
+
+    def deploy(self, task_id: str, agent_type: str, prompt: str = "", parent: str = ORCHESTRATOR) -> dict[str, Any]:
+        """Register a new ``running`` agent and start its tmux session; return the agent's record.
+
+        Reads the task registry once and the global registry once, and checks deduplication and every limit in the
+        same critical section as the insert.  If the session cannot start, nothing is registered; if registering
+        fails, the session is killed.  Raises DuplicateAgent, LimitExceeded, UnknownAgent (a parent that is not an
+        agent of the task), UnknownTask, SessionError, LockTimeout, CorruptRegistry, WriteFailed.
+        """
+        validate_name("agent type", agent_type)
+        if parent != ORCHESTRATOR:
+            validate_name("parent", parent)
+        with self._both_locked(task_id) as file:
+            task = self._read_task(task_id)
+            glob = self._read_global()
+            agents: list[dict[str, Any]] = task["agents"]
+            active = [a for a in agents if is_active(a)]
+            for other in active:
+                if other.get("type") == agent_type:
+                    raise DuplicateAgent(
+                        f"task {task_id} already has an active {agent_type} agent, {other['id']} ({other['status']});"
+                        " finish or kill it before deploying another", task_id=task_id, existing=other["id"])
+            max_agents = task.get("max_agents", model.DEFAULT_MAX_AGENTS)
+            if len(agents) >= max_agents:
+                raise LimitExceeded(f"task {task_id} has spawned {len(agents)} agents, its max_agents is {max_agents}",
+                                    task_id=task_id, limit="max_agents")
+            max_concurrent = task.get("max_concurrent", model.DEFAULT_MAX_CONCURRENT)
+            if len(active) >= max_concurrent:
+                raise LimitExceeded(f"task {task_id} has {len(active)} active agents, its max_concurrent is"
+                                    f" {max_concurrent}", task_id=task_id, limit="max_concurrent")
+            if parent == ORCHESTRATOR:
+                depth = 1
+            else:
+                parent_agent = next((a for a in agents if a["id"] == parent), None)
+                if parent_agent is None:
+                    raise UnknownAgent(f"parent {parent} is not an agent of task {task_id}", task_id=task_id,
+                                       agent_id=parent)
+                depth = int(parent_agent.get("depth", 1)) + 1
+            max_depth = task.get("max_depth", model.DEFAULT_MAX_DEPTH)
+            if depth > max_depth:
+                raise LimitExceeded(f"a child of {parent} would be at depth {depth}; task {task_id} has max_depth"
+                                    f" {max_depth}", task_id=task_id, limit="max_depth")
+            taken = {a["id"] for a in agents} | set(glob["agents"])
+            agent_id = f"{agent_type}-{datetime.now():%H%M%S}-{secrets.token_hex(3)}"
+            while agent_id in taken:
+                agent_id = f"{agent_type}-{datetime.now():%H%M%S}-{secrets.token_hex(3)}"
+
+            session = model.session_name(agent_id)
+            command = agent_command(self.agent_command, base=self.base, task_id=task_id, agent_id=agent_id)
+            self.sessions.start(session, command, {"ORCH_WORKSPACE": str(self.base)})
+            stamp = now()
+            agent = {"id": agent_id, "type": agent_type, "tmux_session": session, "parent": parent, "depth": depth,
+                     "status": "running", "started_at": stamp, "progress": 0, "last_update": stamp, "prompt": prompt}
+            agents.append(agent)
+            task.setdefault("agent_hierarchy", {}).setdefault(parent, []).append(agent_id)
+            task["total_spawned"] = task.get("total_spawned", 0) + 1
+            task["active_count"] = task.get("active_count", 0) + 1
+            try:
+                self._commit(file, task, glob)
+            except BaseException:
+                if not self._on_disk(file, agent_id):  # not registered: the session must not outlive the failure
+                    with contextlib.suppress(SessionError):
+                        self.sessions.kill(session)
+                raise
+            return dict(agent)
+
+    def update(self, task_id: str, agent_id: str, status: str | None = None, message: str | None = None,
+               progress: int | None = None) -> dict[str, Any]:
+        """Record an agent's status, message and progress; return its record.
+
+        A terminal status decrements active_count exactly once; ``completed`` increments completed_count.  Raises
+        InvalidTransition for an unknown status or an agent already terminal, UnknownAgent, UnknownTask.
+        """
+        if status is not None and status not in STATUSES:
+            raise InvalidTransition(f"unknown status {status!r}; a status is one of {', '.join(sorted(STATUSES))}",
+                                    status=status)
+        if progress is not None and (not isinstance(progress, int) or isinstance(progress, bool)
+                                     or not 0 <= progress <= 100):
+            raise InvalidArgument(f"progress must be a whole number from 0 to 100, not {progress!r}",
+                                  progress=progress)
+        file = self.task_file(task_id)
+        with file.locked():
+            task = self._read_task(task_id)
+            agent = self._agent(task, agent_id)
+            old = agent.get("status")
+            if old in TERMINAL:
+                raise InvalidTransition(f"agent {agent_id} is {old}; a terminal agent takes no more updates",
+                                        task_id=task_id, agent_id=agent_id, status=status)
+            stamp = now()
+            new = status or old
+            agent["last_update"] = stamp
+            if progress is not None:
+                agent["progress"] = progress
+            if message is not None:
+                agent["last_message"] = message
+            if new in TERMINAL:
+                self._finish(task, agent, new, stamp, reason=message)
+            else:
+                agent["status"] = new
+            if new == old:
+                file.write(task)
+            else:
+                with self.global_file.locked():
+                    self._commit(file, task, self._read_global())
+            return dict(agent)
+
+    def kill(self, task_id: str, agent_id: str, reason: str = "killed") -> dict[str, Any]:
+        """Kill the agent's session and mark it ``terminated`` with *reason*; return its record.
+
+        Raises InvalidTransition if the agent is already terminal, UnknownAgent, UnknownTask, SessionError.
+        """
+        with self._both_locked(task_id) as file:
+            task = self._read_task(task_id)
+            agent = self._agent(task, agent_id)
+            if agent.get("status") in TERMINAL:
+                raise InvalidTransition(f"agent {agent_id} is already {agent['status']}", task_id=task_id,
+                                        agent_id=agent_id)
+            glob = self._read_global()
+            self.sessions.kill(agent.get("tmux_session") or model.session_name(agent_id))
+            self._finish(task, agent, "terminated", now(), reason=reason)
+            self._commit(file, task, glob)
+            return dict(agent)
+
+    def reconcile(self, task_id: str) -> list[str]:
+        """Mark every active agent whose tmux session is gone ``terminated`` (``session_not_found``).
+
+        Returns the ids it reaped.  If tmux cannot be queried, raises SessionError and reaps nothing.
+        """
+        file = self.task_file(task_id)
+        with file.locked():
+            task = self._read_task(task_id)
+            active = [a for a in task["agents"] if is_active(a)]
+            if not active:
+                return []
+            alive = self.sessions.alive()
+            zombies = [a for a in active if (a.get("tmux_session") or model.session_name(a["id"])) not in alive]
+            if not zombies:
+                return []
+            with self.global_file.locked():
+                glob = self._read_global()
+                stamp = now()
+                for agent in zombies:
+                    self._finish(task, agent, "terminated", stamp, reason="session_not_found")
+                self._commit(file, task, glob)
+            return [a["id"] for a in zombies]
+
+    # -- reading --------------------------------------------------------------------------------------------------
+
+    def read_task(self, task_id: str) -> dict[str, Any]:
+        """The task registry document, read without locking (never torn).  UnknownTask if there is none."""
+        return self._read_task(task_id)
+
+    def read_global(self) -> dict[str, Any]:
+        """The global registry document.  RegistryMissing if it is gone; an empty view for an empty workspace."""
+        if not self.global_file.path.exists() and not self.task_ids():
+            return model.new_global_document(now())
+        return self._read_global()
+
+    def heal(self) -> list[str]:
+        """Re-sync the global registry with every task registry it disagrees with; return those task ids.
+
+        Corrupt or missing files are left alone (``orch-registry check`` reports them, ``repair`` fixes them).
+        """
+        from .errors import RegistryError
+
+        try:
+            glob = self.global_file.read()
+            tasks = {t: self.task_file(t).read() for t in self.task_ids()}
+        except (OSError, RegistryError):
+            return []
+        stale = sorted({v.task_id for v in model.global_violations(glob, tasks, complete=False)
+                        if v.task_id is not None})
+        if not stale:
+            return []
+        with contextlib.ExitStack() as stack:
+            for task_id in stale:
+                stack.enter_context(self.task_file(task_id).locked())
+            stack.enter_context(self.global_file.locked())
+            glob = self.global_file.read()
+            stamp = now()
+            for task_id in stale:
+                model.sync_global(glob, self.task_file(task_id).read(), stamp)
+            self.global_file.write(glob)
+        return stale
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _on_disk(file: JsonFile, agent_id: str) -> bool:
+        """Whether the task registry on disk holds *agent_id* (after a failed write: was it registered?)."""
+        try:
+            return any(a.get("id") == agent_id for a in file.read()["agents"])
+        except Exception:
+            return False
+
+    @staticmethod
+    def _agent(task: dict[str, Any], agent_id: str) -> dict[str, Any]:
+        for agent in task["agents"]:
+            if agent.get("id") == agent_id:
+                return agent
+        raise UnknownAgent(f"no agent {agent_id} in task {task['task_id']}", task_id=task["task_id"],
+                           agent_id=agent_id)
+
+    @staticmethod
+    def _finish(task: dict[str, Any], agent: dict[str, Any], status: str, stamp: str, reason: str | None) -> None:
+        """Move an active agent to terminal *status*, adjusting the counters exactly once."""
+        was_active = agent.get("status") in ACTIVE
+        agent["status"] = status
+        agent["last_update"] = stamp
+        if status == "completed":
+            agent["completed_at"] = stamp
+            task["completed_count"] = task.get("completed_count", 0) + 1
+        else:
+            agent["terminated_at"] = stamp
+            if reason:
+                agent["termination_reason"] = reason
+        if was_active:
+            task["active_count"] = task.get("active_count", 0) - 1

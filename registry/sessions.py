@@ -1,0 +1,89 @@
+"""Every tmux call the registry makes, behind one seam.
+
+:class:`TmuxSessions` talks to a tmux server through libtmux.  Which server: an explicit ``socket_path`` or
+``socket_name``, else ``ORCH_TMUX_SOCKET`` (a socket name), else tmux's own default, which honours ``TMUX_TMPDIR``.
+Tests and the harness set ``TMUX_TMPDIR`` to a private directory, so they run on a private server.
+
+The one subtle rule lives in :meth:`TmuxSessions.alive`: a server that is not running has no sessions, but a query
+that failed for any other reason says nothing, and raises, so that nobody reaps agents on the strength of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import libtmux
+from libtmux import exc as tmux_exc
+
+from .errors import SessionError
+
+#: tmux's answers when no server listens on the socket: then there are no sessions, which is a fact, not a failure.
+_NO_SERVER = ("no server running", "No such file or directory", "Connection refused")
+
+DEFAULT_AGENT_COMMAND = "{python} -m registry.stub_agent --base {base} --task {task_id} --agent {agent_id}"
+
+
+def agent_command(template: str | None, *, base: Path, task_id: str, agent_id: str) -> str:
+    """The shell command a new agent's session runs: *template* or ``ORCH_AGENT_COMMAND`` or the stub agent.
+
+    The template may use ``{python}``, ``{base}``, ``{task_id}`` and ``{agent_id}``; values are shell-quoted.
+    """
+    template = template or os.environ.get("ORCH_AGENT_COMMAND") or DEFAULT_AGENT_COMMAND
+    return template.format(python=shlex.quote(sys.executable), base=shlex.quote(str(base)),
+                           task_id=shlex.quote(task_id), agent_id=shlex.quote(agent_id))
+
+
+class TmuxSessions:
+    """Start, kill and list agent sessions on one tmux server."""
+
+    def __init__(self, *, socket_name: str | None = None, socket_path: str | Path | None = None) -> None:
+        if socket_path is None and socket_name is None:
+            socket_name = os.environ.get("ORCH_TMUX_SOCKET") or None
+        self.server = libtmux.Server(socket_name=socket_name, socket_path=socket_path)
+
+    def __repr__(self) -> str:
+        return f"TmuxSessions({self.server!r})"
+
+    def start(self, name: str, command: str, environment: Mapping[str, str] | None = None) -> None:
+        """Start detached session *name* running *command*.  SessionError if tmux refuses."""
+        try:
+            self.server.new_session(session_name=name, window_command=command, attach=False,
+                                    environment=dict(environment or {}))
+        except (tmux_exc.LibTmuxException, OSError) as exc:
+            raise SessionError(f"tmux could not start session {name}: {exc}", session=name) from exc
+
+    def kill(self, name: str) -> bool:
+        """Kill session *name*; return False if it was not there.  SessionError if tmux fails otherwise."""
+        try:
+            proc = self.server.cmd("kill-session", "-t", f"={name}")
+        except (tmux_exc.LibTmuxException, OSError) as exc:
+            raise SessionError(f"tmux could not kill session {name}: {exc}", session=name) from exc
+        if proc.returncode == 0:
+            return True
+        stderr = " ".join(proc.stderr)
+        if "can't find session" in stderr or any(marker in stderr for marker in _NO_SERVER):
+            return False
+        raise SessionError(f"tmux could not kill session {name}: {stderr}", session=name)
+
+    def alive(self) -> set[str]:
+        """Names of every live session.  Raises SessionError when the query itself failed.
+
+        A server that is not running (no socket, or a dead one) has no sessions: that is an empty set.
+        """
+        try:
+            proc = self.server.cmd("list-sessions", "-F", "#{session_name}")
+        except (tmux_exc.LibTmuxException, OSError) as exc:
+            raise SessionError(f"could not list tmux sessions: {exc}") from exc
+        if proc.returncode == 0:
+            return {line for line in proc.stdout if line}
+        stderr = " ".join(proc.stderr)
+        if any(marker in stderr for marker in _NO_SERVER):
+            return set()
+        raise SessionError(f"could not list tmux sessions (tmux exit {proc.returncode}): {stderr or 'no message'}")
+
+    def kill_server(self) -> None:
+        self.server.kill()
