@@ -1,0 +1,46 @@
+"""A private tmux server for a test: its own ``TMUX_TMPDIR``, never the user's server, every session killed after."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+
+#: What an agent's session runs under the harness: a real process that does nothing and costs nothing.
+QUIET_AGENT_COMMAND = "sleep 86400"
+
+
+def private_env(tmux_dir: Path) -> dict[str, str]:
+    """Environment changes that put tmux, libtmux and the registry on a private server under *tmux_dir*."""
+    return {"TMUX_TMPDIR": str(tmux_dir), "TMUX": "", "TMUX_PANE": "", "ORCH_TMUX_SOCKET": ""}
+
+
+def apply(env: MutableMapping[str, str], changes: dict[str, str]) -> None:
+    for key, value in changes.items():
+        if value:
+            env[key] = value
+        else:
+            env.pop(key, None)
+
+
+def kill_server(tmux_dir: Path) -> None:
+    """Kill the private server under *tmux_dir*, if one runs."""
+    import libtmux
+
+    for socket in tmux_dir.glob("tmux-*/*"):
+        with contextlib.suppress(Exception):
+            libtmux.Server(socket_path=socket).kill()
+
+
+@contextlib.contextmanager
+def private_server(tmux_dir: Path) -> Iterator[Path]:
+    """Point this process (and every child it starts) at a private tmux server for the duration."""
+    tmux_dir.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in private_env(tmux_dir)}
+    apply(os.environ, private_env(tmux_dir))
+    try:
+        yield tmux_dir
+    finally:
+        kill_server(tmux_dir)
+        apply(os.environ, {k: v or "" for k, v in saved.items()})
