@@ -1,0 +1,27 @@
+"""The harness's resolved options, shared by the plugin, the fixtures and the Hypothesis state machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OrchOptions:
+    impl: str = "reference"
+    concurrency: int = 4
+    ops: int = 50
+    seed: int = 0
+    timeout: float = 300.0
+
+
+_current = OrchOptions()
+
+
+def current() -> OrchOptions:
+    """The options of the running pytest session (defaults outside one)."""
+    return _current
+
+
+def set_current(options: OrchOptions) -> None:
+    global _current
+    _current = options
