@@ -80,7 +80,16 @@ class LockTimeout(RegistryError, TimeoutError):
 
 
 class CorruptRegistry(RegistryError, ValueError):
-    """A registry file does not parse as JSON, or is JSON of the wrong shape.  It was left untouched."""
+    """A registry file does not parse as JSON, or is JSON of the wrong shape.  It was left untouched.
+
+    ``path`` is the file, ``backup`` the copy to restore from (None if there is none), ``line`` and ``column`` where
+    parsing failed (None when the JSON parsed but has the wrong shape).
+    """
+
+    path: str = ""
+    backup: str | None = None
+    line: int | None = None
+    column: int | None = None
 
 
 class RegistryMissing(RegistryError, FileNotFoundError):

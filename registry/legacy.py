@@ -205,5 +205,6 @@ class LegacyRegistry:
     def _agent(registry: dict[str, Any], agent_id: str) -> dict[str, Any]:
         for agent in registry["agents"]:
             if agent["id"] == agent_id:
-                return agent
+                found: dict[str, Any] = agent
+                return found
         raise UnknownAgent(f"no agent {agent_id}", agent_id=agent_id)

@@ -232,6 +232,7 @@ def task_violations(task: Mapping[str, Any]) -> list[Violation]:
         if status not in STATUSES:
             v("unknown_status", f"agent {aid} has unknown status {status!r}", aid)
         parent = agent.get("parent", ORCHESTRATOR)
+        want_depth: int | None
         if parent == ORCHESTRATOR:
             want_depth = 1
         elif parent in by_id:
@@ -277,7 +278,7 @@ def global_violations(glob: Mapping[str, Any], tasks: Mapping[str, Mapping[str, 
     g_agents: Mapping[str, Mapping[str, Any]] = glob.get("agents", {})
     seen: set[str] = set()
     for task_id, task in tasks.items():
-        entry, agents = project_task(task)
+        _entry, agents = project_task(task)
         if task_id not in glob.get("tasks", {}):
             out.append(Violation("global_divergence", f"the global registry has no entry for task {task_id}",
                                  task_id))

@@ -359,7 +359,8 @@ class Registry:
     def _agent(task: dict[str, Any], agent_id: str) -> dict[str, Any]:
         for agent in task["agents"]:
             if agent.get("id") == agent_id:
-                return agent
+                found: dict[str, Any] = agent
+                return found
         raise UnknownAgent(f"no agent {agent_id} in task {task['task_id']}", task_id=task["task_id"],
                            agent_id=agent_id)
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,9 +135,20 @@ class JsonFile:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.validate = validate
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
-        self._lock = filelock.FileLock(self.lock_path, thread_local=False, fallback_to_soft=False,
+        # Thread-local: threads sharing this object each take the flock on a descriptor of their own, so they
+        # exclude each other like processes do (a shared context would let a second thread in on the first's hold).
+        self._lock = filelock.FileLock(self.lock_path, thread_local=True, fallback_to_soft=False,
                                        poll_interval=LOCK_POLL_INTERVAL)
-        self._raw: bytes | None = None  # what load() read, kept while the lock is held for the backup
+        self._local = threading.local()  # per thread: ``raw``, the bytes read under the lock, for the backup
+
+    @property
+    def _raw(self) -> bytes | None:
+        raw: bytes | None = getattr(self._local, "raw", None)
+        return raw
+
+    @_raw.setter
+    def _raw(self, value: bytes | None) -> None:
+        self._local.raw = value
 
     # -- locking ------------------------------------------------------------------------------------------------
 
@@ -155,6 +167,7 @@ class JsonFile:
                 " written. A flock dies with its process, so this is a live holder: retry, or raise"
                 " ORCH_LOCK_TIMEOUT if writes are legitimately slow.",
                 path=str(self.path), timeout=wait) from exc
+        self._raw = None  # bytes read before the lock are not the ones this transaction replaces
         try:
             crash_point("holding_lock", self.path)
             yield
@@ -204,7 +217,7 @@ class JsonFile:
             finally:
                 os.close(fd)
             crash_point("after_fsync", self.path)
-            os.replace(tmp, self.path)
+            tmp.replace(self.path)
             replaced = True
             crash_point("after_rename", self.path)
             dir_fd = os.open(directory, os.O_RDONLY)
@@ -215,7 +228,7 @@ class JsonFile:
         except OSError as exc:
             if not replaced:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    tmp.unlink()
             raise WriteFailed(
                 f"writing {self.path} failed: {exc.strerror or exc}. "
                 + ("The registry is unchanged." if not replaced else "The new content is in place but may not be"
