@@ -1,1 +1,311 @@
-"""pytest-orch plugin (placeholder until the harness lands)."""
+"""pytest-orch: options, marker, header, summary and fixtures.  The ``pytest11`` entry point.
+
+Every option is a flag ``--orch-X``, an ini key ``orch_X`` and an environment variable ``ORCH_X``; the flag wins
+over the environment, which wins over the ini file, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shlex
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import options as _options
+from .adapter import load_factory
+from .checks import OrchViolation, Report, check_history, read_final
+from .history import History
+from .options import OrchOptions
+from .swarm import SwarmHandle, Workload, run_swarm
+from .tmux import QUIET_AGENT_COMMAND, kill_server, private_env
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least 1")
+    return value
+
+
+def _concurrency(text: str) -> int:
+    value = _positive_int(text)
+    if value > 256:
+        raise argparse.ArgumentTypeError(f"{value} processes is more than the 256 the harness will start")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (the seed is printed in the header"
+                                         " of every run; pass that)") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive, finite number of seconds")
+    return value
+
+
+def _impl(text: str) -> str:
+    if text in ("reference", "legacy"):
+        return text
+    module, sep, attr = text.partition(":")
+    if not sep or not module or not attr:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'reference', 'legacy' or 'package.module:factory'")
+    return text
+
+
+@dataclass(frozen=True)
+class _Option:
+    name: str
+    convert: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--orch-" + self.name
+
+    @property
+    def ini(self) -> str:
+        return "orch_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "ORCH_" + self.name.upper()
+
+
+#: One row per swarm test, for the terminal summary (filled from reports, so xdist workers' rows arrive too).
+_rows: list[dict[str, Any]] = []
+
+_OPTIONS = (
+    _Option("concurrency", _concurrency, 4, "processes per swarm (default 4)"),
+    _Option("impl", _impl, "reference",
+            "the registry under test: 'reference', 'legacy' or 'package.module:factory' (default reference)"),
+    _Option("ops", _positive_int, 50, "operations per process (default 50)"),
+    _Option("seed", _seed, None, "seed of the workloads (default: random, printed in the header; replays a run)"),
+    _Option("timeout", _seconds, 300.0, "seconds a swarm may run before its workers' stacks are dumped and they"
+                                        " are killed (default 300)"),
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("orch", "pytest-orch: run N real processes against an agent registry")
+    for opt in _OPTIONS:
+        group.addoption(opt.flag, type=opt.convert, default=None, dest="orch_" + opt.name,
+                        help=f"{opt.help}; also ini {opt.ini} and env {opt.env}")
+        parser.addini(opt.ini, f"pytest-orch: {opt.help}", default=None)
+
+
+def _resolve(config: pytest.Config) -> OrchOptions:
+    values: dict[str, Any] = {}
+    for opt in _OPTIONS:
+        value = config.getoption("orch_" + opt.name)
+        if value is None:
+            for source, raw in ((f"environment variable {opt.env}", os.environ.get(opt.env)),
+                                (f"ini option {opt.ini}", config.getini(opt.ini))):
+                if raw not in (None, ""):
+                    try:
+                        value = opt.convert(str(raw).strip())
+                    except argparse.ArgumentTypeError as exc:
+                        raise pytest.UsageError(f"{source}={raw!r}: {exc}") from None
+                    break
+        values[opt.name] = opt.default if value is None else value
+    if values["seed"] is None:
+        workerinput = getattr(config, "workerinput", None)  # under xdist, every worker uses the controller's seed
+        values["seed"] = int(workerinput["orch_seed"]) if workerinput else random.randrange(10**9)
+    try:
+        load_factory(values["impl"])
+    except ValueError as exc:
+        raise pytest.UsageError(f"--orch-impl: {exc}") from None
+    return OrchOptions(**values)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "orch(concurrency=None, ops=None, timeout=None): override --orch-concurrency, --orch-ops and"
+                   " --orch-timeout for the swarms of this test")
+    options = _resolve(config)
+    _options.set_current(options)
+    _rows.clear()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:  # pragma: no cover - xdist's hook, called only under xdist
+    node.workerinput["orch_seed"] = _options.current().seed
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    o = _options.current()
+    return f"orch: impl={o.impl}, concurrency={o.concurrency}, ops={o.ops}, seed={o.seed}, timeout={o.timeout:g}s"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture
+def orch_options(request: pytest.FixtureRequest) -> OrchOptions:
+    """The options in force for this test: the command line, environment or ini, then its ``orch`` marker."""
+    options = _options.current()
+    marker = request.node.get_closest_marker("orch")
+    if marker is None:
+        return options
+    unknown = set(marker.kwargs) - {"concurrency", "ops", "timeout"}
+    if unknown or marker.args:
+        raise pytest.UsageError(f"{request.node.nodeid}: @pytest.mark.orch takes concurrency=, ops= and timeout=,"
+                                f" not {sorted(unknown) or marker.args}")
+    converters = {"concurrency": _concurrency, "ops": _positive_int, "timeout": _seconds}
+    changes = {}
+    for key, value in marker.kwargs.items():
+        try:
+            changes[key] = converters[key](str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise pytest.UsageError(f"{request.node.nodeid}: @pytest.mark.orch({key}={value!r}): {exc}") from None
+    return replace(options, **changes)
+
+
+@pytest.fixture
+def orch_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh workspace directory, and a private tmux server for this test and every process it starts."""
+    tmux_dir = Path(tempfile.mkdtemp(prefix="orch-tmux-"))  # short: a socket path may not exceed ~100 bytes
+    for key, value in private_env(tmux_dir).items():
+        if value:
+            monkeypatch.setenv(key, value)
+        else:
+            monkeypatch.delenv(key, raising=False)
+    if not os.environ.get("ORCH_AGENT_COMMAND"):
+        monkeypatch.setenv("ORCH_AGENT_COMMAND", QUIET_AGENT_COMMAND)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    try:
+        yield workspace
+    finally:
+        kill_server(tmux_dir)
+        shutil.rmtree(tmux_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def orch_registry(orch_workspace: Path, orch_options: OrchOptions) -> Any:
+    """The adapter of the selected implementation, opened in the test process."""
+    return load_factory(orch_options.impl)(orch_workspace)
+
+
+class Swarm:
+    """Call it with a workload to run it in N processes; it returns the History.  See :func:`run_swarm`."""
+
+    def __init__(self, request: pytest.FixtureRequest, workspace: Path, registry: Any, options: OrchOptions) -> None:
+        self.request = request
+        self.workspace = workspace
+        self.registry = registry
+        self.options = options
+        self.histories: list[History] = []
+
+    def __call__(self, workload: Workload, *, tasks: list[str] | None = None, concurrency: int | None = None,
+                 ops: int | None = None, shared: dict[str, Any] | None = None,
+                 during: Callable[[SwarmHandle], None] | None = None) -> History:
+        __tracebackhide__ = True
+        o = self.options
+        initial = {t: self.registry.read_task(t) for t in tasks or []}
+        history = run_swarm(o.impl, self.workspace, workload, concurrency=concurrency or o.concurrency,
+                            ops=ops or o.ops, seed=o.seed, timeout=o.timeout, label=self.request.node.nodeid,
+                            shared=shared, initial=initial, during=during)
+        self.histories.append(history)
+        self.request.node.user_properties.append(("orch_swarm", {
+            "processes": history.concurrency, "ops": history.ops_per_process, "ok": history.count("ok"),
+            "fail": history.count("fail"), "info": history.count("info"),
+            "ops_per_s": round(history.throughput, 1), "overlap": round(history.overlap(), 3)}))
+        return history
+
+    def replay(self) -> str:
+        o = self.options
+        args = [self.request.node.nodeid, f"--orch-impl={o.impl}", f"--orch-seed={o.seed}",
+                f"--orch-concurrency={o.concurrency}", f"--orch-ops={o.ops}"]
+        return "pytest " + " ".join(shlex.quote(a) for a in args)
+
+    def check(self, history: History, *, tasks: list[str] | None = None, checks: list[str] | None = None,
+              raise_on_problems: bool = True) -> Report:
+        """Run the checks on *history* and the final documents, read through a freshly opened adapter.
+
+        Raises OrchViolation (an AssertionError) whose message is the report, unless *raise_on_problems* is False.
+        """
+        __tracebackhide__ = True
+        reopened = load_factory(self.options.impl)(self.workspace)  # what a new process would see
+        final = read_final(reopened, tasks or history.task_ids())
+        report = check_history(history, final, checks=checks, replay=self.replay())
+        self.request.node.user_properties.append(("orch_check", {
+            "violations": len(report.problems), "checks": sorted({p.check for p in report.problems})}))
+        if raise_on_problems and not report.ok:
+            raise OrchViolation(report)
+        return report
+
+
+@pytest.fixture
+def orch_swarm(request: pytest.FixtureRequest, orch_workspace: Path, orch_registry: Any,
+               orch_options: OrchOptions) -> Swarm:
+    """Run a workload across N real processes started together; returns a History.  ``.check(history)`` checks."""
+    return Swarm(request, orch_workspace, orch_registry, orch_options)
+
+
+@pytest.fixture
+def orch_check(orch_swarm: Swarm) -> Callable[..., Report]:
+    """``orch_check(history)``: run every check; raise OrchViolation (an AssertionError) with the report."""
+    return orch_swarm.check
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The summary
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call":
+        return
+    swarms = [v for k, v in report.user_properties if k == "orch_swarm"]
+    if not swarms:
+        return
+    checks = [v for k, v in report.user_properties if k == "orch_check"]
+    row = {"test": report.nodeid, "outcome": report.outcome, "violations": sum(c["violations"] for c in checks),
+           "checked": bool(checks)}
+    for key in ("ok", "fail", "info"):
+        row[key] = sum(s[key] for s in swarms)
+    row["processes"] = max(s["processes"] for s in swarms)
+    row["ops"] = max(s["ops"] for s in swarms)
+    row["swarms"] = len(swarms)
+    row["ops_per_s"] = sum(s["ops_per_s"] for s in swarms) / len(swarms)
+    row["overlap"] = min(s["overlap"] for s in swarms)
+    _rows.append(row)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not _rows:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "orch")
+    width = min(max(len(r["test"]) for r in _rows), 70)
+    tr.write_line(f"{'test':<{width}}  {'procs x ops':>11}  {'ok':>5} {'fail':>5} {'info':>5}  {'ops/s':>7}"
+                  f"  {'overlap':>7}  violations")
+    for r in _rows:
+        name = r["test"] if len(r["test"]) <= width else "…" + r["test"][-width + 1:]
+        violations = str(r["violations"]) if r["checked"] else "-"
+        tr.write_line(f"{name:<{width}}  {r['processes']:>4} x {r['ops']:<4}  {r['ok']:>5} {r['fail']:>5}"
+                      f" {r['info']:>5}  {r['ops_per_s']:>7.0f}  {r['overlap']:>7.0%}  {violations}")
+    total = {k: sum(r[k] for r in _rows) for k in ("ok", "fail", "info", "violations")}
+    tr.write_line(f"{'total: ' + str(len(_rows)) + ' swarm tests':<{width}}  {'':>11}  {total['ok']:>5}"
+                  f" {total['fail']:>5} {total['info']:>5}  {'':>7}  {'':>7}  {total['violations']}")
