@@ -1,0 +1,1 @@
+"""pytest-benchmark suites for the registry and the harness; run with ``pytest benchmarks/`` (see README.md)."""

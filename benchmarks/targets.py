@@ -1,0 +1,90 @@
+"""The targets of issue 6, judged from the benchmarks' ``extra_info``: reported, never asserted in a timed test.
+
+Every benchmark records a dict with a ``bench`` key (``deploy``, ``lock-contention``, ``throughput``, ``harness``...)
+and its parameters; :func:`evaluate` finds the figures each target needs among them.  The terminal summary of
+``pytest benchmarks/`` and ``python -m benchmarks.report`` both print the result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+Info = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    want: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+    @property
+    def verdict(self) -> str:
+        return {True: "met", False: "MISSED", None: "not measured"}[self.met]
+
+
+def _find(infos: Iterable[Info], **match: Any) -> Info | None:
+    for info in infos:
+        if all(info.get(k) == v for k, v in match.items()):
+            return info
+    return None
+
+
+def _num(info: Info | None, key: str) -> float:
+    value = info.get(key) if info is not None else None
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def _judge(value: float, ok: bool) -> bool | None:
+    return None if math.isnan(value) else ok
+
+
+def evaluate(infos: Iterable[Info]) -> list[Target]:
+    infos = list(infos)
+    out: list[Target] = []
+
+    one = _find(infos, bench="throughput", workload="reference-update", procs=1)
+    ten = _find(infos, bench="throughput", workload="reference-update", procs=10)
+    ops10, ops1 = _num(ten, "ops_per_s"), _num(one, "ops_per_s")
+    out.append(Target("reference update throughput, 10 processes", ">= 1,500 ops/s", f"{ops10:,.0f} ops/s",
+                      _judge(ops10, ops10 >= 1500)))
+    ratio = ops10 / ops1 if ops1 else math.nan
+    out.append(Target("reference update throughput, 10 vs 1 process", ">= 85 %",
+                      f"{ratio:.0%} ({ops10:,.0f} / {ops1:,.0f} ops/s)", _judge(ratio, ratio >= 0.85)))
+
+    store = _find(infos, bench="lock-contention", lock="store", procs=10)
+    flock = _find(infos, bench="lock-contention", lock="flock", procs=10)
+    p99s, p99f = _num(store, "lock_wait_p99_ms"), _num(flock, "lock_wait_p99_ms")
+    lock_ratio = p99s / p99f if p99f else math.nan
+    out.append(Target("lock-wait p99, 10 processes, store lock vs blocking flock", "<= 2x",
+                      f"{lock_ratio:.2f}x ({p99s:.1f} ms vs {p99f:.1f} ms)", _judge(lock_ratio, lock_ratio <= 2)))
+
+    legacy = _find(infos, bench="deploy", impl="legacy", agents=1000, tmux="real")
+    ref = _find(infos, bench="deploy", impl="reference", agents=1000, tmux="real")
+    ml, mr = _num(legacy, "median_ms"), _num(ref, "median_ms")
+    speedup = ml / mr if mr else math.nan
+    out.append(Target("deploy at 1,000 agents, legacy / reference (real tmux)", ">= 1.3x",
+                      f"{speedup:.2f}x ({ml:.1f} ms vs {mr:.1f} ms)", _judge(speedup, speedup >= 1.3)))
+    reads = _num(ref, "task_reads")
+    out.append(Target("reference deploy reads the task registry", "once", f"{reads:.0f} read(s)"
+                      f" (legacy: {_num(legacy, 'task_reads'):.0f})", _judge(reads, reads == 1)))
+
+    for what, name, limit, unit, scale in (("record-op", "harness: record one operation", 20e-6, "µs", 1e6),
+                                           ("swarm-start", "harness: start a 10-process swarm", 1.0, "s", 1),
+                                           ("check-history", "harness: check a 10 x 50 history", 1.0, "s", 1)):
+        info = _find(infos, bench="harness", what=what)
+        value = _num(info, "median_s")
+        shown = f"{value * scale:,.3g} {unit}" if not math.isnan(value) else "-"
+        out.append(Target(name, f"< {limit * scale:g} {unit}", shown, _judge(value, value < limit)))
+    return out
+
+
+def render(targets: Iterable[Target]) -> list[str]:
+    """A markdown table of *targets*."""
+    lines = ["| target | wanted | measured | verdict |", "| --- | --- | --- | --- |"]
+    lines += [f"| {t.name} | {t.want} | {t.measured} | {t.verdict} |" for t in targets]
+    return lines

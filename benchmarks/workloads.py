@@ -1,0 +1,354 @@
+"""The operations the throughput and contention benchmarks run in each worker, one factory per workload.
+
+Every factory takes the workspace (and options) and returns ``factory(index) -> op(seq) -> lock_wait_ns | None``
+for :class:`benchmarks.workers.Workers`.  Worker *index* works on its own agent (``index`` modulo the active agents),
+so operations contend for the file, never for the agent.
+
+Besides the reference and legacy registries there are three baselines, built here and nowhere else:
+
+* ``flock_json_rmw``: blocking ``fcntl.flock``, ``json.loads``, ``json.dumps(indent=2)``, durable replace (temp
+  file, fsync, rename, fsync of the directory): the hand-measured baseline of issue 6.
+* ``sqlite_wal``: one row per agent in SQLite, ``journal_mode=WAL``, ``synchronous=FULL``, ``BEGIN IMMEDIATE``.
+* *what-if* stores (:class:`FlockJsonFile`, :class:`NoBackupJsonFile`): subclasses of the reference's
+  :class:`registry.store.JsonFile` that change one thing (the lock policy, the ``.bak`` copy) so that a
+  recommendation for ``registry/store.py`` comes with its measured effect.  They are labelled "what-if" wherever
+  they are reported; the reference itself is always measured unmodified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from registry import Registry, store
+from registry.legacy import LegacyRegistry
+from registry.sessions import TmuxSessions
+from registry.store import JsonFile
+
+from .workers import Factory, Op
+from .workspace import Workspace
+
+clock = time.perf_counter_ns
+
+
+class NullSessions(TmuxSessions):
+    """No tmux at all: ``start`` and ``kill`` do nothing.  Only for measurements labelled registry-only."""
+
+    def start(self, name: str, command: str, environment: Any = None) -> None:
+        return None
+
+    def kill(self, name: str) -> bool:
+        return True
+
+    def alive(self) -> set[str]:
+        return set()
+
+
+class TimedSessions(TmuxSessions):
+    """Real tmux, with the time each ``start`` took recorded, to split a deploy into registry time and tmux time."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.start_times_ns: list[int] = []
+        self.started: list[str] = []
+
+    def start(self, name: str, command: str, environment: Any = None) -> None:
+        t0 = clock()
+        super().start(name, command, environment)
+        self.start_times_ns.append(clock() - t0)
+        self.started.append(name)
+
+
+# -- what-if stores (benchmark-only variants of the reference store) --------------------------------------------------
+
+
+class FlockJsonFile(JsonFile):
+    """What-if: the reference store with a blocking ``fcntl.flock`` on a persistent descriptor instead of filelock.
+
+    It waits forever (no timeout), which the reference must not do; it is here to measure what the lock policy costs.
+    """
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.waits_ns: list[int] = []
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        t0 = clock()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.waits_ns.append(clock() - t0)
+        try:
+            yield
+        finally:
+            self._raw = None
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+class NoBackupJsonFile(JsonFile):
+    """What-if: the reference store without the ``.bak`` copy it writes before every replace."""
+
+    def write_bytes(self, data: bytes) -> None:
+        self._raw = None
+        super().write_bytes(data)
+
+
+class FlockNoBackupJsonFile(FlockJsonFile, NoBackupJsonFile):
+    """What-if: both changes."""
+
+
+STORE_VARIANTS: dict[str, type[JsonFile]] = {"flock": FlockJsonFile, "no-bak": NoBackupJsonFile,
+                                             "flock+no-bak": FlockNoBackupJsonFile}
+
+
+def _timed_acquire(file: JsonFile, sink: list[int]) -> None:
+    """Record how long each acquisition of *file*'s lock waits (instrumentation only; the lock is unchanged)."""
+    lock = file._lock
+    acquire = lock.acquire
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = clock()
+        try:
+            return acquire(*args, **kwargs)
+        finally:
+            sink.append(clock() - t0)
+
+    lock.acquire = timed  # type: ignore[method-assign]
+
+
+def _reference(ws: Workspace, poll: float | None, variant: str | None) -> tuple[Registry, list[int]]:
+    """A Registry in this (forked) process, with the lock poll interval and store variant asked for."""
+    if poll is not None:  # what ORCH_LOCK_POLL does at import; the pool has forked, so set the module's value
+        store.LOCK_POLL_INTERVAL = poll
+    reg = Registry(ws.base, sessions=NullSessions(), heal=False)
+    if variant is not None:
+        cls = STORE_VARIANTS[variant]
+        reg._files[ws.task_id] = cls(ws.task_path, validate=reg.task_file(ws.task_id).validate)
+        reg.global_file = cls(ws.global_path, validate=reg.global_file.validate)
+    file = reg.task_file(ws.task_id)
+    if isinstance(file, FlockJsonFile):
+        return reg, file.waits_ns
+    waits: list[int] = []
+    _timed_acquire(file, waits)
+    return reg, waits
+
+
+def _last(waits: list[int]) -> int | None:
+    return waits.pop() if waits else None
+
+
+def reference_update(ws: Workspace, *, poll: float | None = None, variant: str | None = None) -> Factory:
+    """Progress reports on distinct agents through ``Registry.update`` (the task registry only)."""
+    active = ws.active_ids
+
+    def factory(index: int) -> Op:
+        reg, waits = _reference(ws, poll, variant)
+        agent = active[index % len(active)]
+
+        def op(seq: int) -> int | None:
+            waits.clear()
+            reg.update(ws.task_id, agent, progress=seq % 101)
+            return _last(waits)
+
+        return op
+
+    return factory
+
+
+def reference_mixed(ws: Workspace, *, poll: float | None = None, variant: str | None = None) -> Factory:
+    """Per four operations: two progress reports, one status change (task and global registries), one status read.
+
+    The status change toggles the worker's own agent between ``working`` and ``blocked``; the read is
+    ``read_task`` + ``read_global`` (what a status call reads, without tmux).
+    """
+    active = ws.active_ids
+
+    def factory(index: int) -> Op:
+        reg, waits = _reference(ws, poll, variant)
+        agent = active[index % len(active)]
+
+        def op(seq: int) -> int | None:
+            waits.clear()
+            kind = seq % 4
+            if kind == 0:
+                reg.update(ws.task_id, agent, status="blocked" if seq % 8 == 0 else "working")
+            elif kind == 1:
+                reg.read_task(ws.task_id)
+                reg.read_global()
+            else:
+                reg.update(ws.task_id, agent, progress=seq % 101)
+            return _last(waits)
+
+        return op
+
+    return factory
+
+
+def legacy_update(ws: Workspace) -> Factory:
+    """Progress reports on distinct agents through the unlocked legacy registry (torn reads count as errors)."""
+    active = ws.active_ids
+
+    def factory(index: int) -> Op:
+        reg = LegacyRegistry(ws.base, sessions=NullSessions())
+        agent = active[index % len(active)]
+
+        def op(seq: int) -> int | None:
+            reg.update(ws.task_id, agent, progress=seq % 101)
+            return None
+
+        return op
+
+    return factory
+
+
+def _durable_replace(path: Path, data: bytes, dir_fd: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    os.fsync(dir_fd)
+
+
+def _set_progress(doc: dict[str, Any], agent_id: str, seq: int) -> None:
+    for agent in doc["agents"]:
+        if agent["id"] == agent_id:
+            agent["progress"] = seq % 101
+            agent["last_update"] = datetime.now().isoformat()
+            return
+    raise KeyError(agent_id)
+
+
+def flock_json_rmw(ws: Workspace) -> Factory:
+    """Baseline: blocking flock, stdlib json (``indent=2``), durable replace; the same change as reference_update."""
+    active = ws.active_ids
+
+    def factory(index: int) -> Op:
+        path = ws.task_path
+        lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        agent = active[index % len(active)]
+
+        def op(seq: int) -> int | None:
+            t0 = clock()
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            wait = clock() - t0
+            try:
+                with open(path, "rb") as fh:
+                    doc = json.loads(fh.read())
+                _set_progress(doc, agent, seq)
+                _durable_replace(path, json.dumps(doc, indent=2).encode(), dir_fd)
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            return wait
+
+        return op
+
+    return factory
+
+
+def store_rmw(ws: Workspace, lock: str, *, poll: float | None = None) -> Factory:
+    """One critical section, two locks: the store's own read / change / durable write of the task registry, under
+    the store's lock (``lock="store"``: filelock at the store's poll interval) or a blocking ``fcntl.flock``
+    (``lock="flock"``).  The difference between the two is the lock policy and nothing else.
+    """
+    active = ws.active_ids
+    if lock not in ("store", "flock"):
+        raise ValueError(f"lock must be 'store' or 'flock', not {lock!r}")
+
+    def factory(index: int) -> Op:
+        if poll is not None:
+            store.LOCK_POLL_INTERVAL = poll
+        file = JsonFile(ws.task_path)
+        agent = active[index % len(active)]
+        lock_fd = os.open(file.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+        def change() -> None:
+            doc = file.read()
+            _set_progress(doc, agent, 0)
+            file.write(doc)
+
+        def with_store(seq: int) -> int | None:
+            t0 = clock()
+            with file.locked():
+                wait = clock() - t0
+                change()
+            return wait
+
+        def with_flock(seq: int) -> int | None:
+            t0 = clock()
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            wait = clock() - t0
+            try:
+                change()
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            return wait
+
+        return with_store if lock == "store" else with_flock
+
+    return factory
+
+
+def sqlite_setup(ws: Workspace, db: Path) -> None:
+    """Create *db* (WAL) with one row per agent of the workspace's task."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS agents (id TEXT PRIMARY KEY, task_id TEXT, status TEXT,"
+                     " progress INTEGER, last_update TEXT, doc TEXT)")
+        doc = json.loads(ws.task_bytes)
+        conn.executemany("INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?)",
+                         [(a["id"], ws.task_id, a["status"], a.get("progress", 0), a.get("last_update"),
+                           json.dumps(a)) for a in doc["agents"]])
+    finally:
+        conn.close()
+
+
+def sqlite_wal(ws: Workspace, db: Path) -> Factory:
+    """Baseline: ``UPDATE`` of the agent's row in ``BEGIN IMMEDIATE``, WAL, ``synchronous=FULL``.
+
+    The reported lock wait is the time ``BEGIN IMMEDIATE`` took (SQLite's busy handler sleeps and retries).
+    """
+    active = ws.active_ids
+
+    def factory(index: int) -> Op:
+        conn = sqlite3.connect(db, isolation_level=None, timeout=60)
+        conn.execute("PRAGMA synchronous=FULL")
+        agent = active[index % len(active)]
+
+        def op(seq: int) -> int | None:
+            t0 = clock()
+            conn.execute("BEGIN IMMEDIATE")
+            wait = clock() - t0
+            try:
+                conn.execute("UPDATE agents SET progress = ?, last_update = ? WHERE id = ?",
+                             (seq % 101, datetime.now().isoformat(), agent))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return wait
+
+        return op
+
+    return factory
+
+
+WORKLOADS: dict[str, Callable[..., Factory]] = {
+    "reference-update": reference_update,
+    "reference-mixed": reference_mixed,
+    "legacy-update": legacy_update,
+    "flock-json-rmw": flock_json_rmw,
+}
