@@ -45,6 +45,7 @@ def record(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., dict
     def record(**info: Any) -> dict[str, Any]:
         if knobs.slowdown():
             info["slowdown_s"] = knobs.slowdown()
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)  # the machine is shared: how busy it was, to judge noise
         benchmark.extra_info.update(info)
         request.config.stash[_RESULTS][request.node.nodeid] = dict(benchmark.extra_info)
         return dict(benchmark.extra_info)

@@ -135,6 +135,10 @@ class Workers:
             t.errors.update(r.errors)
         t.spans.append(max(r.end for r in results) - min(r.start for r in results))
 
+    def reset(self) -> None:
+        """Forget what was measured so far (after a warm-up round)."""
+        self.totals = Totals(procs=self.totals.procs, ops_per_proc=self.totals.ops_per_proc)
+
     def close(self) -> None:
         if any(p.is_alive() for p in self._procs):
             self._stop.set()
@@ -164,4 +168,5 @@ class Workers:
             info.update(summary_ms(t.waits_ns, "lock_wait"))
         info["errors"] = dict(t.errors)
         info["error_rate"] = round(sum(t.errors.values()) / max(1, len(t.latencies_ns)), 4)
+        info["ok_ops_per_s"] = round(info["ops_per_s"] * (1 - info["error_rate"]), 1)
         return info

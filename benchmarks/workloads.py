@@ -105,8 +105,32 @@ class FlockNoBackupJsonFile(FlockJsonFile, NoBackupJsonFile):
     """What-if: both changes."""
 
 
+class LockingJsonFile(JsonFile):
+    """What-if: the reference store locking with :class:`registry.locking.FlockLock` (blocking flock that honours a
+    timeout through a waiter thread), the lock ``registry/`` has written but not yet wired into the store."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        from registry.locking import FlockLock
+
+        super().__init__(path, **kwargs)
+        self._flock = FlockLock(self.lock_path)
+        self.waits_ns: list[int] = []
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        t0 = clock()
+        self._flock.acquire(self.lock_timeout if timeout is None else timeout)
+        self.waits_ns.append(clock() - t0)
+        self._raw = None
+        try:
+            yield
+        finally:
+            self._raw = None
+            self._flock.release()
+
+
 STORE_VARIANTS: dict[str, type[JsonFile]] = {"flock": FlockJsonFile, "no-bak": NoBackupJsonFile,
-                                             "flock+no-bak": FlockNoBackupJsonFile}
+                                             "flock+no-bak": FlockNoBackupJsonFile, "locking.FlockLock": LockingJsonFile}
 
 
 def _timed_acquire(file: JsonFile, sink: list[int]) -> None:
@@ -134,7 +158,7 @@ def _reference(ws: Workspace, poll: float | None, variant: str | None) -> tuple[
         reg._files[ws.task_id] = cls(ws.task_path, validate=reg.task_file(ws.task_id).validate)
         reg.global_file = cls(ws.global_path, validate=reg.global_file.validate)
     file = reg.task_file(ws.task_id)
-    if isinstance(file, FlockJsonFile):
+    if isinstance(file, FlockJsonFile | LockingJsonFile):
         return reg, file.waits_ns
     waits: list[int] = []
     _timed_acquire(file, waits)
@@ -258,21 +282,28 @@ def flock_json_rmw(ws: Workspace) -> Factory:
     return factory
 
 
+LOCKS = ("store", "flock", "locking")
+
+
 def store_rmw(ws: Workspace, lock: str, *, poll: float | None = None) -> Factory:
-    """One critical section, two locks: the store's own read / change / durable write of the task registry, under
-    the store's lock (``lock="store"``: filelock at the store's poll interval) or a blocking ``fcntl.flock``
-    (``lock="flock"``).  The difference between the two is the lock policy and nothing else.
+    """One critical section, different locks: the store's own read / change / durable write of the task registry,
+    under the store's lock (``store``: filelock at the store's poll interval, as shipped), a blocking
+    ``fcntl.flock`` on a persistent descriptor (``flock``, the baseline), or :class:`registry.locking.FlockLock`
+    (``locking``: the blocking flock with a timeout that registry/ has written but not wired in).
     """
     active = ws.active_ids
-    if lock not in ("store", "flock"):
-        raise ValueError(f"lock must be 'store' or 'flock', not {lock!r}")
+    if lock not in LOCKS:
+        raise ValueError(f"lock must be one of {LOCKS}, not {lock!r}")
 
     def factory(index: int) -> Op:
+        from registry.locking import FlockLock
+
         if poll is not None:
             store.LOCK_POLL_INTERVAL = poll
         file = JsonFile(ws.task_path)
         agent = active[index % len(active)]
         lock_fd = os.open(file.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        flock_lock = FlockLock(file.lock_path)
 
         def change() -> None:
             doc = file.read()
@@ -296,7 +327,17 @@ def store_rmw(ws: Workspace, lock: str, *, poll: float | None = None) -> Factory
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
             return wait
 
-        return with_store if lock == "store" else with_flock
+        def with_locking(seq: int) -> int | None:
+            t0 = clock()
+            flock_lock.acquire(30.0)
+            wait = clock() - t0
+            try:
+                change()
+            finally:
+                flock_lock.release()
+            return wait
+
+        return {"store": with_store, "flock": with_flock, "locking": with_locking}[lock]
 
     return factory
 
