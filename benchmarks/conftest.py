@@ -19,7 +19,8 @@ _RESULTS = pytest.StashKey[dict[str, dict[str, Any]]]()
 #: The extra_info keys the terminal summary prints, in order, when a benchmark recorded them.
 _SHOWN = ("ops_per_s", "op_p50_ms", "op_p95_ms", "op_p99_ms", "lock_wait_p50_ms", "lock_wait_p95_ms",
           "lock_wait_p99_ms", "median_ms", "registry_median_ms", "tmux_start_median_ms", "median_us", "task_reads",
-          "task_bytes_read", "global_reads", "error_rate")
+          "task_bytes_read", "global_reads", "error_rate", "mb_per_s", "median_s", "whole_call_median_s", "ops", "ok",
+          "fail", "info", "problems", "loadavg_1m")
 
 
 def pytest_configure(config: pytest.Config) -> None:
