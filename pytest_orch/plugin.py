@@ -241,17 +241,21 @@ class Swarm:
         return "pytest " + " ".join(shlex.quote(a) for a in args)
 
     def check(self, history: History, *, tasks: list[str] | None = None, checks: list[str] | None = None,
-              raise_on_problems: bool = True) -> Report:
-        """Run the checks on *history* and the final documents, read through a freshly opened adapter.
+              reopen: bool = False, raise_on_problems: bool = True) -> Report:
+        """Run the checks on *history* and the final documents.
 
-        Raises OrchViolation (an AssertionError) whose message is the report, unless *raise_on_problems* is False.
+        The documents are read through the test's adapter, opened before the swarm, so that a registry which
+        repairs itself when opened cannot hide what its operations did.  After a crash, pass *reopen* to read them
+        the way a process started afterwards would.  Raises OrchViolation (an AssertionError) whose message is the
+        report, unless *raise_on_problems* is False.
         """
         __tracebackhide__ = True
-        reopened = load_factory(self.options.impl)(self.workspace)  # what a new process would see
-        final = read_final(reopened, tasks or history.task_ids())
+        reader = load_factory(self.options.impl)(self.workspace) if reopen else self.registry
+        final = read_final(reader, tasks or history.task_ids())
         report = check_history(history, final, checks=checks, replay=self.replay())
         self.request.node.user_properties.append(("orch_check", {
-            "violations": len(report.problems), "checks": sorted({p.check for p in report.problems})}))
+            "violations": len(report.problems), "checks": sorted({p.check for p in report.problems}),
+            "notes": list(report.notes)}))
         if raise_on_problems and not report.ok:
             raise OrchViolation(report)
         return report
@@ -290,6 +294,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     row["swarms"] = len(swarms)
     row["ops_per_s"] = sum(s["ops_per_s"] for s in swarms) / len(swarms)
     row["overlap"] = min(s["overlap"] for s in swarms)
+    row["notes"] = [n for c in checks for n in c.get("notes", [])]
     _rows.append(row)
 
 
@@ -309,3 +314,5 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     total = {k: sum(r[k] for r in _rows) for k in ("ok", "fail", "info", "violations")}
     tr.write_line(f"{'total: ' + str(len(_rows)) + ' swarm tests':<{width}}  {'':>11}  {total['ok']:>5}"
                   f" {total['fail']:>5} {total['info']:>5}  {'':>7}  {'':>7}  {total['violations']}")
+    for note in dict.fromkeys(n for r in _rows for n in r["notes"]):
+        tr.write_line(f"note: {note}")
