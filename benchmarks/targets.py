@@ -43,6 +43,11 @@ def _judge(value: float, ok: bool) -> bool | None:
     return None if math.isnan(value) else ok
 
 
+def _shown(text: str, *values: float) -> str:
+    """*text*, or "-" when a figure it needs was not measured."""
+    return "-" if any(math.isnan(v) for v in values) else text
+
+
 def evaluate(infos: Iterable[Info]) -> list[Target]:
     infos = list(infos)
     out: list[Target] = []
@@ -50,28 +55,29 @@ def evaluate(infos: Iterable[Info]) -> list[Target]:
     one = _find(infos, bench="throughput", workload="reference-update", procs=1)
     ten = _find(infos, bench="throughput", workload="reference-update", procs=10)
     ops10, ops1 = _num(ten, "ops_per_s"), _num(one, "ops_per_s")
-    out.append(Target("reference update throughput, 10 processes", ">= 1,500 ops/s", f"{ops10:,.0f} ops/s",
+    out.append(Target("reference update throughput, 10 processes", ">= 1,500 ops/s", _shown(f"{ops10:,.0f} ops/s", ops10),
                       _judge(ops10, ops10 >= 1500)))
     ratio = ops10 / ops1 if ops1 else math.nan
     out.append(Target("reference update throughput, 10 vs 1 process", ">= 85 %",
-                      f"{ratio:.0%} ({ops10:,.0f} / {ops1:,.0f} ops/s)", _judge(ratio, ratio >= 0.85)))
+                      _shown(f"{ratio:.0%} ({ops10:,.0f} / {ops1:,.0f} ops/s)", ratio), _judge(ratio, ratio >= 0.85)))
 
     store = _find(infos, bench="lock-contention", lock="store", procs=10)
     flock = _find(infos, bench="lock-contention", lock="flock", procs=10)
     p99s, p99f = _num(store, "lock_wait_p99_ms"), _num(flock, "lock_wait_p99_ms")
     lock_ratio = p99s / p99f if p99f else math.nan
     out.append(Target("lock-wait p99, 10 processes, store lock vs blocking flock", "<= 2x",
-                      f"{lock_ratio:.2f}x ({p99s:.1f} ms vs {p99f:.1f} ms)", _judge(lock_ratio, lock_ratio <= 2)))
+                      _shown(f"{lock_ratio:.2f}x ({p99s:.1f} ms vs {p99f:.1f} ms)", lock_ratio), _judge(lock_ratio, lock_ratio <= 2)))
 
     legacy = _find(infos, bench="deploy", impl="legacy", agents=1000, tmux="real")
     ref = _find(infos, bench="deploy", impl="reference", agents=1000, tmux="real")
     ml, mr = _num(legacy, "median_ms"), _num(ref, "median_ms")
     speedup = ml / mr if mr else math.nan
     out.append(Target("deploy at 1,000 agents, legacy / reference (real tmux)", ">= 1.3x",
-                      f"{speedup:.2f}x ({ml:.1f} ms vs {mr:.1f} ms)", _judge(speedup, speedup >= 1.3)))
+                      _shown(f"{speedup:.2f}x ({ml:.1f} ms vs {mr:.1f} ms)", speedup), _judge(speedup, speedup >= 1.3)))
     reads = _num(ref, "task_reads")
-    out.append(Target("reference deploy reads the task registry", "once", f"{reads:.0f} read(s)"
-                      f" (legacy: {_num(legacy, 'task_reads'):.0f})", _judge(reads, reads == 1)))
+    out.append(Target("reference deploy reads the task registry", "once",
+                      _shown(f"{reads:.0f} read(s) (legacy: {_num(legacy, 'task_reads'):.0f})", reads),
+                      _judge(reads, reads == 1)))
 
     for what, name, limit, unit, scale in (("record-op", "harness: record one operation", 20e-6, "µs", 1e6),
                                            ("swarm-start", "harness: start a 10-process swarm", 1.0, "s", 1),
