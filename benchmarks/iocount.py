@@ -26,7 +26,7 @@ class Reads:
     bytes: int = 0
 
 
-_watching: dict[str, Reads] | None = None
+_watching: dict[Path, Reads] | None = None
 _installed = False
 
 
@@ -42,12 +42,12 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     path, mode, flags = args
     if isinstance(path, int):
         return
-    key = os.path.abspath(os.fsdecode(path))
+    key = Path(os.fsdecode(path)).absolute()
     reads = _watching.get(key)
     if reads is not None and _is_read(mode, flags):
         reads.reads += 1
         with contextlib.suppress(OSError):
-            reads.bytes += os.stat(key).st_size
+            reads.bytes += key.stat().st_size
 
 
 @contextlib.contextmanager
@@ -58,7 +58,7 @@ def count_reads(*paths: Path) -> Iterator[dict[Path, Reads]]:
         sys.addaudithook(_hook)
         _installed = True
     counts = {Path(p): Reads() for p in paths}
-    _watching = {os.path.abspath(p): r for p, r in counts.items()}
+    _watching = {p.absolute(): r for p, r in counts.items()}
     try:
         yield counts
     finally:

@@ -78,9 +78,14 @@ def deploy_table(infos: list[dict[str, Any]]) -> list[str]:
              "Median of one deploy (a sub-agent) into a task registry of the given size, real tmux on a private"
              " server; `registry` = that minus the tmux start; `registry-only` = tmux stubbed out entirely. Reads"
              " and bytes are of the task registry, per deploy.", "",
-             "| agents | task file | legacy ms | reference ms | speedup | legacy registry ms | reference registry ms"
-             " | legacy registry-only ms | reference registry-only ms | legacy reads (bytes) | reference reads (bytes) |",
+             "| agents | task file | legacy ms | reference ms | speedup | legacy registry ms"
+             " | reference registry ms | legacy registry-only ms | reference registry-only ms"
+             " | legacy reads (bytes) | reference reads (bytes) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    def reads(real: dict[str, Any], stubbed: dict[str, Any]) -> str:
+        info = real or stubbed
+        return f"{info.get('task_reads', '-')} ({_f(info.get('task_bytes_read'), ',.0f')})"
+
     for size in sizes:
         lr = _pick(infos, bench="deploy", impl="legacy", agents=size, tmux="real") or {}
         rr = _pick(infos, bench="deploy", impl="reference", agents=size, tmux="real") or {}
@@ -93,8 +98,7 @@ def deploy_table(infos: list[dict[str, Any]]) -> list[str]:
             f" | {_f(lr.get('median_ms'), ',.2f')} | {_f(rr.get('median_ms'), ',.2f')} | {_f(speed, '.2f')}x"
             f" | {_f(lr.get('registry_median_ms'), ',.2f')} | {_f(rr.get('registry_median_ms'), ',.2f')}"
             f" | {_f(ls.get('median_ms'), ',.2f')} | {_f(rs.get('median_ms'), ',.2f')}"
-            f" | {lr.get('task_reads', ls.get('task_reads', '-'))} ({_f(lr.get('task_bytes_read', ls.get('task_bytes_read')), ',.0f')})"
-            f" | {rr.get('task_reads', rs.get('task_reads', '-'))} ({_f(rr.get('task_bytes_read', rs.get('task_bytes_read')), ',.0f')}) |")
+            f" | {reads(lr, ls)} | {reads(rr, rs)} |")
     return lines
 
 

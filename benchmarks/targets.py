@@ -55,8 +55,8 @@ def evaluate(infos: Iterable[Info]) -> list[Target]:
     one = _find(infos, bench="throughput", workload="reference-update", procs=1)
     ten = _find(infos, bench="throughput", workload="reference-update", procs=10)
     ops10, ops1 = _num(ten, "ops_per_s"), _num(one, "ops_per_s")
-    out.append(Target("reference update throughput, 10 processes", ">= 1,500 ops/s", _shown(f"{ops10:,.0f} ops/s", ops10),
-                      _judge(ops10, ops10 >= 1500)))
+    out.append(Target("reference update throughput, 10 processes", ">= 1,500 ops/s",
+                      _shown(f"{ops10:,.0f} ops/s", ops10), _judge(ops10, ops10 >= 1500)))
     ratio = ops10 / ops1 if ops1 else math.nan
     out.append(Target("reference update throughput, 10 vs 1 process", ">= 85 %",
                       _shown(f"{ratio:.0%} ({ops10:,.0f} / {ops1:,.0f} ops/s)", ratio), _judge(ratio, ratio >= 0.85)))
@@ -66,7 +66,8 @@ def evaluate(infos: Iterable[Info]) -> list[Target]:
     p99s, p99f = _num(store, "lock_wait_p99_ms"), _num(flock, "lock_wait_p99_ms")
     lock_ratio = p99s / p99f if p99f else math.nan
     out.append(Target("lock-wait p99, 10 processes, store lock vs blocking flock", "<= 2x",
-                      _shown(f"{lock_ratio:.2f}x ({p99s:.1f} ms vs {p99f:.1f} ms)", lock_ratio), _judge(lock_ratio, lock_ratio <= 2)))
+                      _shown(f"{lock_ratio:.2f}x ({p99s:.1f} ms vs {p99f:.1f} ms)", lock_ratio),
+                      _judge(lock_ratio, lock_ratio <= 2)))
 
     legacy = _find(infos, bench="deploy", impl="legacy", agents=1000, tmux="real")
     ref = _find(infos, bench="deploy", impl="reference", agents=1000, tmux="real")

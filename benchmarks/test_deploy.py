@@ -97,7 +97,8 @@ def _deploy_benchmark(benchmark: Any, record: Any, tmp_path: Path, impl: str, si
         info["tmux_start_median_ms"] = round(median(tmux_ms), 3)
         info["registry_median_ms"] = round(median([r * 1e3 - t for r, t in zip(rounds, tmux_ms, strict=True)]), 3)
     setup()
-    return record(**info)
+    recorded: dict[str, Any] = record(**info)
+    return recorded
 
 
 @pytest.mark.parametrize("size", SIZES)

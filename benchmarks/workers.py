@@ -15,6 +15,7 @@ are data here.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import time
 import traceback
@@ -142,10 +143,8 @@ class Workers:
     def close(self) -> None:
         if any(p.is_alive() for p in self._procs):
             self._stop.set()
-            try:
+            with contextlib.suppress(Exception):  # a worker died: the barrier is broken, terminate below
                 self._barrier.wait(10)
-            except Exception:  # a worker died: the barrier is broken, terminate below
-                pass
         for proc in self._procs:
             proc.join(5)
             if proc.is_alive():

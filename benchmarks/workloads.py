@@ -129,8 +129,10 @@ class LockingJsonFile(JsonFile):
             self._flock.release()
 
 
-STORE_VARIANTS: dict[str, type[JsonFile]] = {"flock": FlockJsonFile, "no-bak": NoBackupJsonFile,
-                                             "flock+no-bak": FlockNoBackupJsonFile, "locking.FlockLock": LockingJsonFile}
+STORE_VARIANTS: dict[str, type[JsonFile]] = {
+    "flock": FlockJsonFile, "no-bak": NoBackupJsonFile, "flock+no-bak": FlockNoBackupJsonFile,
+    "locking.FlockLock": LockingJsonFile,
+}
 
 
 def _timed_acquire(file: JsonFile, sink: list[int]) -> None:
@@ -241,7 +243,7 @@ def _durable_replace(path: Path, data: bytes, dir_fd: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    tmp.replace(path)
     os.fsync(dir_fd)
 
 

@@ -38,8 +38,9 @@ _FALLBACK_AGENT: dict[str, Any] = {
     "started_at": "2025-10-17T21:56:39.948962",
     "progress": 100,
     "last_update": "2025-10-17T21:59:51.549066",
-    "prompt": "You are investigating the current agent deployment and output capture implementation.\n\nYOUR MISSION:\n"
-              "1. Analyze real_mcp_server.py to understand:\n   - How deploy_headless_agent currently works\n   - Ho...",
+    "prompt": "You are investigating the current agent deployment and output capture implementation.\n\n"
+              "YOUR MISSION:\n1. Analyze real_mcp_server.py to understand:\n"
+              "   - How deploy_headless_agent currently works\n   - Ho...",
     "completion_validation": {
         "confidence": 1.0, "warnings": [], "blocking_issues": [],
         "evidence_summary": {
