@@ -356,6 +356,10 @@ class Report:
             agents = sorted({a for p in found for a in p.agents if a})
             named = f": {', '.join(agents[:8])}{' ...' if len(agents) > 8 else ''}" if agents else ""
             lines.append(f"  {check}: {len(found)}{named}")
+        faults = self.faults()
+        if faults:
+            lines.append("\nfaults injected, in time order, and the operations they hit:")
+            lines += faults
         for problem in self.problems[:20]:
             lines.append(f"\n[{problem.check}] {problem.message}")
             if problem.ops:
@@ -367,6 +371,22 @@ class Report:
         if self.replay:
             lines.append(f"\nreplay: {self.replay}")
         return "\n".join(lines)
+
+
+    def faults(self, limit: int = 30) -> list[str]:
+        """One line a fault: when, what, and the operation it cut short (for a SIGKILL) or the session it took."""
+        h = self.history
+        out = []
+        for fault in [op for op in h.ops if op.fault][:limit]:
+            if fault.name == "sigkill":
+                victim = fault.args.get("process")
+                hit = [op for op in h.ops if op.process == victim and op.complete_ns is None and not op.fault]
+                what = f"SIGKILL p{victim}" + (f": cut short {hit[0].describe()}" if hit else " between operations")
+            else:
+                who = "harness" if fault.process < 0 else f"p{fault.process}"
+                what = f"{fault.describe()} by {who}"
+            out.append(f"  {h.ms(fault.invoke_ns):>8} ms  {what}")
+        return out
 
 
 class OrchViolation(AssertionError):

@@ -12,6 +12,7 @@ class OrchOptions:
     ops: int = 50
     seed: int = 0
     timeout: float = 300.0
+    chaos: str | None = None  # --orch-chaos, e.g. "sigkill=3"; None: no faults
 
 
 _current = OrchOptions()

@@ -63,6 +63,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _chaos(text: str) -> str:
+    from .chaos import parse_chaos
+
+    try:
+        return str(parse_chaos(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _impl(text: str) -> str:
     if text in ("reference", "legacy"):
         return text
@@ -103,6 +112,8 @@ _OPTIONS = (
     _Option("seed", _seed, None, "seed of the workloads (default: random, printed in the header; replays a run)"),
     _Option("timeout", _seconds, 300.0, "seconds a swarm may run before its workers' stacks are dumped and they"
                                         " are killed (default 300)"),
+    _Option("chaos", _chaos, None, "inject faults into every swarm: 'sigkill' or 'sigkill=N' kills up to N (3)"
+                                   " random workers at random moments (default: none)"),
 )
 
 
@@ -154,7 +165,9 @@ def pytest_configure_node(node: Any) -> None:  # pragma: no cover - xdist's hook
 
 def pytest_report_header(config: pytest.Config) -> str:
     o = _options.current()
-    return f"orch: impl={o.impl}, concurrency={o.concurrency}, ops={o.ops}, seed={o.seed}, timeout={o.timeout:g}s"
+    chaos = f", chaos={o.chaos}" if o.chaos else ""
+    return (f"orch: impl={o.impl}, concurrency={o.concurrency}, ops={o.ops}, seed={o.seed}, timeout={o.timeout:g}s"
+            + chaos)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -223,6 +236,11 @@ class Swarm:
                  during: Callable[[SwarmHandle], None] | None = None) -> History:
         __tracebackhide__ = True
         o = self.options
+        if during is None and o.chaos:
+            from .chaos import parse_chaos, random_sigkills
+
+            during = random_sigkills(f"{o.seed}:{self.request.node.nodeid}:{len(self.histories)}",
+                                     parse_chaos(o.chaos).sigkills)
         initial = {t: self.registry.read_task(t) for t in tasks or []}
         history = run_swarm(o.impl, self.workspace, workload, concurrency=concurrency or o.concurrency,
                             ops=ops or o.ops, seed=o.seed, timeout=o.timeout, label=self.request.node.nodeid,
@@ -238,6 +256,8 @@ class Swarm:
         o = self.options
         args = [self.request.node.nodeid, f"--orch-impl={o.impl}", f"--orch-seed={o.seed}",
                 f"--orch-concurrency={o.concurrency}", f"--orch-ops={o.ops}"]
+        if o.chaos:
+            args.append(f"--orch-chaos={o.chaos}")
         return "pytest " + " ".join(shlex.quote(a) for a in args)
 
     def check(self, history: History, *, tasks: list[str] | None = None, checks: list[str] | None = None,
@@ -246,11 +266,12 @@ class Swarm:
 
         The documents are read through the test's adapter, opened before the swarm, so that a registry which
         repairs itself when opened cannot hide what its operations did.  After a crash, pass *reopen* to read them
-        the way a process started afterwards would.  Raises OrchViolation (an AssertionError) whose message is the
+        the way a process started afterwards would (a swarm whose workers were SIGKILLed always is).  Raises OrchViolation (an AssertionError) whose message is the
         report, unless *raise_on_problems* is False.
         """
         __tracebackhide__ = True
-        reader = load_factory(self.options.impl)(self.workspace) if reopen else self.registry
+        crashed = any(op.name == "sigkill" for op in history.ops)
+        reader = load_factory(self.options.impl)(self.workspace) if reopen or crashed else self.registry
         final = read_final(reader, tasks or history.task_ids())
         report = check_history(history, final, checks=checks, replay=self.replay())
         self.request.node.user_properties.append(("orch_check", {
@@ -266,6 +287,14 @@ def orch_swarm(request: pytest.FixtureRequest, orch_workspace: Path, orch_regist
                orch_options: OrchOptions) -> Swarm:
     """Run a workload across N real processes started together; returns a History.  ``.check(history)`` checks."""
     return Swarm(request, orch_workspace, orch_registry, orch_options)
+
+
+@pytest.fixture
+def orch_chaos(request: pytest.FixtureRequest, orch_options: OrchOptions) -> Any:
+    """Faults for this test (see :mod:`pytest_orch.chaos`), seeded from ``--orch-seed`` and the test's id."""
+    from .chaos import Chaos
+
+    return Chaos(f"{orch_options.seed}:{request.node.nodeid}")
 
 
 @pytest.fixture
