@@ -25,7 +25,6 @@ else is ``info`` (unknown: it may or may not have been applied).  Raise Rejected
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -140,12 +139,12 @@ def load_factory(spec: str) -> Factory:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"cannot import {module_name!r} for --orch-impl={spec}: {exc}"
-                         f" (is it installed, or on PYTHONPATH? cwd is {os.getcwd()})") from exc
-    factory = module
+                         f" (is it installed, or on PYTHONPATH? cwd is {Path.cwd()})") from exc
+    factory: Any = module
     for part in attr.split("."):
-        factory = getattr(factory, part, None)  # type: ignore[assignment]
+        factory = getattr(factory, part, None)
         if factory is None:
             raise ValueError(f"{module_name!r} has no attribute {attr!r} (from --orch-impl={spec})")
     if not callable(factory):
         raise ValueError(f"{spec} is not callable; it must be a factory(workspace: pathlib.Path) -> adapter")
-    return factory  # type: ignore[return-value]
+    return factory  # type: ignore[no-any-return]

@@ -72,7 +72,9 @@ class Chaos:
         self.seed = seed
         self._made = 0
 
-    def sigkills(self, kills: int = 3, **timing: float) -> Callable[[SwarmHandle], None]:
+    def sigkills(self, kills: int = 3, *, first_after: float = 0.05, spread: float = 0.6,
+                 keep_alive: int = 1) -> Callable[[SwarmHandle], None]:
         """A ``during`` callback for ``orch_swarm(..., during=...)`` that SIGKILLs up to *kills* random workers."""
         self._made += 1
-        return random_sigkills(f"{self.seed}:{self._made}", kills, **timing)
+        return random_sigkills(f"{self.seed}:{self._made}", kills, first_after=first_after, spread=spread,
+                               keep_alive=keep_alive)

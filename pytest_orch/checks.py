@@ -137,7 +137,7 @@ def lost_inserts(history: History, final: Final) -> list[Problem]:
 # --------------------------------------------------------------------------------------------------------------------
 # 3. No lost update: each agent's final state is one some order of its operations produces
 
-AgentState = tuple[str, Any, bool]  # status, progress, session alive
+AgentState = tuple[Any, Any, bool]  # status, progress, session alive
 
 
 def _agent_step(state: AgentState, call: Call) -> Applied[AgentState] | Refused:
@@ -152,6 +152,10 @@ def _agent_step(state: AgentState, call: Call) -> Applied[AgentState] | Refused:
     if op.name == "kill":
         return Applied(("terminated", progress, False))
     return Applied((op.args["status"], op.args["progress"], alive))  # update
+
+
+def _ends_in(want: tuple[Any, Any]) -> Callable[[AgentState], bool]:
+    return lambda state: (state[0], state[1]) == want
 
 
 def lost_updates(history: History, final: Final) -> list[Problem]:
@@ -191,8 +195,7 @@ def lost_updates(history: History, final: Final) -> list[Problem]:
             # A failed operation changed nothing and may sit anywhere: leaving it out loses no order.
             calls = [Call(i, op, op.invoke_ns, op.complete_ns, op.outcome) for i, op in enumerate(ops)
                      if op.outcome != "fail"]
-            search = linearize(calls, state, _agent_step, lambda s, want=want: (s[0], s[1]) == want,
-                               strict_fail=False, budget=SEARCH_BUDGET)
+            search = linearize(calls, state, _agent_step, _ends_in(want), strict_fail=False, budget=SEARCH_BUDGET)
             if search.ok:
                 continue
             if search.explored >= SEARCH_BUDGET:
@@ -222,10 +225,8 @@ def _terminators(history: History, task_id: str, agent_id: str, session: str) ->
     for op in history.calls:
         if not _maybe(op) or op.task_id != task_id:
             continue
-        if op.agent_id == agent_id and (op.name == "kill" or (op.name == "update" and op.args.get("status")
-                                                                in TERMINAL)):
-            out.append(op)
-        elif op.name == "reconcile" and killed:
+        if (op.agent_id == agent_id and (op.name == "kill" or (op.name == "update" and op.args.get("status")
+                                                                in TERMINAL))) or (op.name == "reconcile" and killed):
             out.append(op)
     return out
 
@@ -267,22 +268,24 @@ def limits(history: History, final: Final) -> list[Problem]:
 
 def _duplicates(history: History, task_id: str, deploys: list[Op], initial: dict[str, dict[str, Any]],
                 agents: dict[str, dict[str, Any]]) -> list[Problem]:
-    """Two ok deploys of one type with no way for the first agent to have finished before the second began."""
+    """Two ok deploys of one type with no way for either agent to have finished before the other was deployed."""
+
+    def finished_before(agent_id: str, deadline: int) -> bool:
+        session = agents.get(agent_id, {}).get("tmux_session") or f"agent_{agent_id}"
+        return any(t.invoke_ns < deadline for t in _terminators(history, task_id, agent_id, session))
+
     problems = []
-    by_type: dict[str, list[tuple[str, int, int]]] = defaultdict(list)  # type -> (agent, invoke, complete)
+    by_type: dict[str, list[tuple[str, int]]] = defaultdict(list)  # type -> (agent, when its deploy completed)
     for agent_id, agent in initial.items():
         if agent.get("status") in ACTIVE:
-            by_type[agent.get("type", "")].append((agent_id, history.start_ns, history.start_ns))
+            by_type[agent.get("type", "")].append((agent_id, history.start_ns))
     for op in deploys:
-        by_type[op.args.get("type", "")].append((op.result, op.invoke_ns, op.complete_ns or history.end_ns))
+        by_type[op.args.get("type", "")].append((op.result, op.complete_ns or history.end_ns))
     ops_of = {op.result: op for op in deploys}
     for agent_type, born in by_type.items():
-        for i, (a, a_inv, a_done) in enumerate(born):
-            for b, b_inv, b_done in born[i + 1:]:
-                def ended_before(x: str, deadline: int) -> bool:
-                    session = agents.get(x, {}).get("tmux_session") or f"agent_{x}"
-                    return any(t.invoke_ns < deadline for t in _terminators(history, task_id, x, session))
-                if not ended_before(a, b_done) and not ended_before(b, a_done):
+        for i, (a, a_done) in enumerate(born):
+            for b, b_done in born[i + 1:]:
+                if not finished_before(a, b_done) and not finished_before(b, a_done):
                     problems.append(Problem(
                         "duplicate", f"task {task_id} had two active {agent_type} agents, {a} and {b}: both deploys"
                                      " succeeded and neither agent could have finished before the other was deployed",

@@ -70,14 +70,14 @@ class Recorder:
     def invoke(self, name: str, args: dict[str, Any], *, fault: bool = False) -> int:
         index = self._next
         self._next += 1
-        line = {"p": self.process, "i": index, "op": name, "args": args, "t": time.monotonic_ns()}
+        line: dict[str, Any] = {"p": self.process, "i": index, "op": name, "args": args, "t": time.monotonic_ns()}
         if fault:
             line["fault"] = True
         os.write(self._fd, orjson.dumps(line, default=str) + b"\n")
         return index
 
     def complete(self, index: int, outcome: Outcome, result: Any = None, error: str | None = None) -> None:
-        line = {"p": self.process, "i": index, "t": time.monotonic_ns(), "outcome": outcome}
+        line: dict[str, Any] = {"p": self.process, "i": index, "t": time.monotonic_ns(), "outcome": outcome}
         if result is not None:
             line["result"] = result
         if error is not None:

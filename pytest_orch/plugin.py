@@ -185,8 +185,9 @@ def orch_options(request: pytest.FixtureRequest) -> OrchOptions:
     if unknown or marker.args:
         raise pytest.UsageError(f"{request.node.nodeid}: @pytest.mark.orch takes concurrency=, ops= and timeout=,"
                                 f" not {sorted(unknown) or marker.args}")
-    converters = {"concurrency": _concurrency, "ops": _positive_int, "timeout": _seconds}
-    changes = {}
+    converters: dict[str, Callable[[str], Any]] = {"concurrency": _concurrency, "ops": _positive_int,
+                                                   "timeout": _seconds}
+    changes: dict[str, Any] = {}
     for key, value in marker.kwargs.items():
         try:
             changes[key] = converters[key](str(value))
@@ -266,8 +267,8 @@ class Swarm:
 
         The documents are read through the test's adapter, opened before the swarm, so that a registry which
         repairs itself when opened cannot hide what its operations did.  After a crash, pass *reopen* to read them
-        the way a process started afterwards would (a swarm whose workers were SIGKILLed always is).  Raises OrchViolation (an AssertionError) whose message is the
-        report, unless *raise_on_problems* is False.
+        the way a process started afterwards would (a swarm whose workers were SIGKILLed always is).  Raises
+        OrchViolation (an AssertionError) whose message is the report, unless *raise_on_problems* is False.
         """
         __tracebackhide__ = True
         crashed = any(op.name == "sigkill" for op in history.ops)
@@ -310,10 +311,10 @@ def orch_check(orch_swarm: Swarm) -> Callable[..., Report]:
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when != "call":
         return
-    swarms = [v for k, v in report.user_properties if k == "orch_swarm"]
+    swarms: list[dict[str, Any]] = [v for k, v in report.user_properties if k == "orch_swarm"]  # type: ignore[misc]
     if not swarms:
         return
-    checks = [v for k, v in report.user_properties if k == "orch_check"]
+    checks: list[dict[str, Any]] = [v for k, v in report.user_properties if k == "orch_check"]  # type: ignore[misc]
     row = {"test": report.nodeid, "outcome": report.outcome, "violations": sum(c["violations"] for c in checks),
            "checked": bool(checks)}
     for key in ("ok", "fail", "info"):

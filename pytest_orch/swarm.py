@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import multiprocess
+import multiprocess  # type: ignore[import-untyped]
 
 from .adapter import Rejected, load_factory
 from .history import History, Op, Outcome, Recorder, read_events

@@ -207,7 +207,8 @@ def test_a_workload_that_raises_fails_the_test_with_its_traceback(pytester: pyte
     """)
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*SwarmError: the workload raised in process *", "*RuntimeError: bug in the workload*"])
+    result.stdout.fnmatch_lines(["*SwarmError: the workload raised in process *",
+                                 "*RuntimeError: bug in the workload*"])
 
 
 def test_a_worker_that_dies_leaves_its_operation_unknown(pytester: pytest.Pytester) -> None:
@@ -286,7 +287,8 @@ def test_the_suite_fails_against_legacy_with_a_lost_update_report_naming_the_los
     assert lost, "no lost-update or lost-insert report in:\n" + text[-3000:]
     assert re.search(r"  (lost_update|lost_insert): \d+: \S+", text)  # the summary line names them too
     assert "timeline (ms from the swarm's start):" in text
-    assert "replay: pytest " in text and "--orch-impl=legacy" in text
+    assert "replay: pytest " in text
+    assert "--orch-impl=legacy" in text
 
 
 @pytest.mark.parametrize(("bug", "tests", "expected"), [
