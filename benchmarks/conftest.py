@@ -23,8 +23,14 @@ _SHOWN = ("ops_per_s", "op_p50_ms", "op_p95_ms", "op_p99_ms", "lock_wait_p50_ms"
           "fail", "info", "problems", "loadavg_1m")
 
 
+#: Benchmarks stable enough for a median gate in CI: one process, no tmux.  ``pytest benchmarks -m gate``.
+gate = pytest.mark.gate
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS] = {}
+    config.addinivalue_line("markers", "gate: a benchmark stable enough for the CI regression gate (one process, no"
+                                       " tmux); see benchmarks/README.md")
 
 
 def median_s(benchmark: Any) -> float:

@@ -27,7 +27,7 @@ from registry.legacy import LegacyRegistry
 from registry.sessions import TmuxSessions
 
 from . import knobs
-from .conftest import median_s, round_times_s
+from .conftest import gate, median_s, round_times_s
 from .iocount import count_reads
 from .stats import median
 from .workloads import NullSessions, TimedSessions
@@ -110,7 +110,7 @@ def test_deploy_latency(benchmark: Any, record: Any, tmux_server: Path, tmp_path
     assert info["task_reads"] >= 1
 
 
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", [pytest.param(s, marks=gate) if s <= 1_000 else s for s in SIZES])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_deploy_latency_registry_only(benchmark: Any, record: Any, tmp_path: Path, impl: str, size: int) -> None:
     """Registry-only: tmux start stubbed out (NullSessions), to show the registry's own cost without tmux noise."""

@@ -24,7 +24,7 @@ from pytest_orch.history import History, Recorder
 from pytest_orch.swarm import SwarmHandle, Worker, run_swarm
 
 from . import knobs
-from .conftest import median_s
+from .conftest import gate, median_s
 from .stats import median
 
 CONCURRENCY = 10
@@ -64,6 +64,7 @@ class _NullAdapter:
         return None
 
 
+@gate
 def test_record_one_operation(benchmark: Any, record: Any, tmp_path: Path) -> None:
     benchmark.group = "harness"
     recorder = Recorder(tmp_path / "worker-0.jsonl", 0)
@@ -113,6 +114,7 @@ def swarm_history(tmux_server: Path, tmp_path: Path) -> tuple[Path, History]:
     return workspace, history
 
 
+@gate
 def test_check_history(benchmark: Any, record: Any, swarm_history: tuple[Path, History]) -> None:
     benchmark.group = "harness"
     workspace, history = swarm_history

@@ -25,7 +25,7 @@ from registry.locking import FlockLock
 from registry.store import LOCK_POLL_INTERVAL, JsonFile
 
 from . import knobs
-from .conftest import median_s
+from .conftest import gate, median_s
 from .workers import Workers
 from .workloads import LOCKS, store_rmw
 from .workspace import Workspace, sample_task, with_active, write_workspace
@@ -84,6 +84,7 @@ UNCONTENDED = {"raw-flock": _raw_flock, "store-lock": _store_lock, "registry.loc
                "filelock-defaults": _filelock_default}
 
 
+@gate
 @pytest.mark.parametrize("lock", list(UNCONTENDED))
 def test_lock_uncontended(benchmark: Any, record: Any, tmp_path: Path, lock: str) -> None:
     benchmark.group = "lock acquire+release, uncontended"

@@ -27,7 +27,7 @@ import pytest
 
 from registry import store
 
-from .conftest import median_s
+from .conftest import gate, median_s
 from .workers import Factory, Workers
 from .workloads import (
     flock_json_rmw,
@@ -68,8 +68,8 @@ def _run(benchmark: Any, ws: Workspace, factory: Factory, procs: int) -> dict[st
         return pool.summary(median_s(benchmark))
 
 
-@pytest.mark.parametrize("procs", PROCS)
-@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize(("workload", "procs"), [pytest.param(w, n, marks=gate) if n == 1 and w.startswith("reference")
+                                                  else (w, n) for w in WORKLOADS for n in PROCS])
 def test_throughput(benchmark: Any, record: Any, sample_ws: Workspace, tmp_path: Path, workload: str,
                     procs: int) -> None:
     benchmark.group = f"throughput, {procs} process{'es' if procs > 1 else ''} ({OPS_PER_ROUND} ops per round)"
