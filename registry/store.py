@@ -102,7 +102,8 @@ def parse(data: bytes, path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        what = "it is empty" if not text.strip() else f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        what = (f"it is empty (nothing at line {exc.lineno} column {exc.colno})" if not text.strip()
+                else f"{exc.msg} at line {exc.lineno} column {exc.colno}")
         raise corrupt(path, what, line=exc.lineno, column=exc.colno) from exc
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import queue as queue_module
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnContext
@@ -48,9 +50,14 @@ def run_in_child(fn: Callable[..., Any], *args: Any, timeout: float = 60) -> tup
     proc = ctx.Process(target=_call_and_report, args=(queue, fn, args))
     proc.start()
     outcome = None
-    with contextlib.suppress(Exception):
-        outcome = queue.get(timeout=timeout)
-    proc.join(timeout)
+    deadline = time.monotonic() + timeout
+    while outcome is None and time.monotonic() < deadline:
+        try:
+            outcome = queue.get(timeout=0.05)
+        except queue_module.Empty:
+            if not proc.is_alive() and queue.empty():
+                break
+    proc.join(max(deadline - time.monotonic(), 1))
     if proc.is_alive():
         proc.kill()
         proc.join()
@@ -115,6 +122,8 @@ class LockHolder:
     def __exit__(self, *exc: object) -> None:
         self.release()
         self.proc.wait(30)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 # --------------------------------------------------------------------------------------------------------------------
