@@ -34,6 +34,10 @@ FINISHED_TASK_STATUSES = frozenset({"completed", "failed", "cancelled", "termina
 # What the global registry mirrors of each agent; ``last_update`` is refreshed whenever the entry is written.
 GLOBAL_AGENT_FIELDS = ("task_id", "type", "parent", "started_at", "tmux_session", "status")
 GLOBAL_AGENT_OPTIONAL = ("completed_at", "terminated_at", "termination_reason")
+# What makes an existing entry stale.  Timestamps are not compared: the old orchestrator stamped the two registries
+# at different instants, and rewriting every entry of a task on each change would rewrite history it did not make.
+GLOBAL_AGENT_TRACKED = ("task_id", "type", "parent", "tmux_session", "status")
+GLOBAL_TASK_TRACKED = ("description", "status")
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 MAX_NAME = 64
@@ -91,18 +95,22 @@ def project_task(task: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dic
 
 
 def sync_global(glob: dict[str, Any], task: Mapping[str, Any], now: str) -> bool:
-    """Make *glob* record *task* exactly as :func:`project_task` says, then recompute its totals.
+    """Make *glob* record *task* as :func:`project_task` says, then recompute its totals.
 
-    Keys of existing entries that the projection does not name are kept.  Returns whether anything that the global
-    registry is for (membership, statuses, totals) changed; ``last_update`` alone does not count.
+    New entries are written whole.  An existing entry is rewritten only when a tracked field (membership, type,
+    parent, session, status; a task's description and status) disagrees, so a change to one agent leaves every other
+    entry byte for byte as it was; keys the projection does not name are kept.  Returns whether anything changed.
     """
     entry, agents = project_task(task)
     task_id = task["task_id"]
     changed = False
     tasks = glob.setdefault("tasks", {})
     old_entry = tasks.get(task_id)
-    if old_entry is None or any(old_entry.get(k) != v for k, v in entry.items()):
-        tasks[task_id] = {**(old_entry or {}), **entry}
+    if old_entry is None:
+        tasks[task_id] = entry
+        changed = True
+    elif any(old_entry.get(k) != entry[k] for k in GLOBAL_TASK_TRACKED):
+        old_entry.update({k: entry[k] for k in GLOBAL_TASK_TRACKED})
         changed = True
     all_agents = glob.setdefault("agents", {})
     for agent_id in [a for a, view in all_agents.items() if view.get("task_id") == task_id and a not in agents]:
@@ -110,8 +118,8 @@ def sync_global(glob: dict[str, Any], task: Mapping[str, Any], now: str) -> bool
         changed = True
     for agent_id, view in agents.items():
         old = all_agents.get(agent_id)
-        if old is None or any(old.get(k) != v for k, v in view.items()) or any(
-                k in old and k not in view for k in GLOBAL_AGENT_OPTIONAL):
+        if old is None or any(old.get(k) != view.get(k) for k in GLOBAL_AGENT_TRACKED) or any(
+                (k in old) != (k in view) for k in GLOBAL_AGENT_OPTIONAL):
             kept = {k: v for k, v in (old or {}).items() if k not in GLOBAL_AGENT_OPTIONAL}
             all_agents[agent_id] = {**kept, **view, "last_update": now}
             changed = True

@@ -34,6 +34,7 @@ from .errors import (
     SessionError,
     UnknownAgent,
     UnknownTask,
+    WriteFailed,
 )
 from .model import ACTIVE, ORCHESTRATOR, STATUSES, TERMINAL, is_active, validate_name
 from .sessions import TmuxSessions, agent_command
@@ -120,18 +121,43 @@ class Registry:
             ) from None
         return doc
 
+    def _existing_task_file(self, task_id: str) -> JsonFile:
+        """The task's file, or UnknownTask before anything is locked: a lock would create its file and directory."""
+        file = self.task_file(task_id)
+        if not file.path.is_file():
+            raise UnknownTask(f"no task {task_id} in {self.base} (there is no {file.path})", task_id=task_id)
+        return file
+
+    @contextlib.contextmanager
+    def _global_locked(self) -> Iterator[None]:
+        if not self.global_file.path.is_file():
+            self._read_global()  # raises RegistryMissing without creating the global registry's lock
+        with self.global_file.locked():
+            yield
+
     @contextlib.contextmanager
     def _both_locked(self, task_id: str) -> Iterator[JsonFile]:
-        task = self.task_file(task_id)
-        with task.locked(), self.global_file.locked():
+        task = self._existing_task_file(task_id)
+        with task.locked(), self._global_locked():
             yield task
 
     def _commit(self, task_file: JsonFile, task: dict[str, Any], glob: dict[str, Any]) -> None:
-        """Write the task registry, then its projection into the global registry.  Both locks are held."""
+        """Write the task registry, then its projection into the global registry.  Both locks are held.
+
+        Once the task registry is written the change is made (it is the source of truth), so a failure of the
+        global write is reported as WriteFailed with ``applied`` None, never False.
+        """
         task_file.write(task)
         crash_point("between_task_and_global", task_file.path)
         model.sync_global(glob, task, now())
-        self.global_file.write(glob)
+        try:
+            self.global_file.write(glob)
+        except WriteFailed as exc:
+            raise WriteFailed(
+                f"{task_file.path} was written but {self.global_file.path} was not ({exc}). The task registry holds"
+                " the change; the global registry is re-synced from it by the next write to the task or when a"
+                " Registry is opened.", path=str(self.global_file.path), errno=getattr(exc, "errno", None),
+                applied=None) from exc
 
     # -- operations -----------------------------------------------------------------------------------------------
 
@@ -142,19 +168,24 @@ class Registry:
         limits = {"max_agents": _limit("max_agents", max_agents), "max_depth": _limit("max_depth", max_depth),
                   "max_concurrent": _limit("max_concurrent", max_concurrent)}
         stamp = now()
-        task_id = task_id or f"TASK-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+        if task_id is None:
+            task_id = f"TASK-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
         file = self.task_file(task_id)
+        if file.path.exists():
+            raise InvalidArgument(f"task {task_id} already exists in {self.base}", task_id=task_id)
+        if not self.global_file.path.exists():
+            if self.task_ids():
+                self._read_global()  # raises RegistryMissing: never start a new global over existing tasks
+            # The global registry exists before the first task does, so a crash between the task write and the
+            # global write leaves a global registry that heal() can bring up to date.
+            self.global_file.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.global_file.transaction(default=lambda: model.new_global_document(stamp)):
+                pass
         file.path.parent.mkdir(parents=True, exist_ok=True)
-        self.global_file.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._both_locked(task_id):
+        with file.locked(), self.global_file.locked():
             if file.path.exists():
                 raise InvalidArgument(f"task {task_id} already exists in {self.base}", task_id=task_id)
-            try:
-                glob = self.global_file.read()
-            except FileNotFoundError:
-                if any(t != task_id for t in self.task_ids()):
-                    self._read_global()  # raises RegistryMissing: never start a new global over existing tasks
-                glob = model.new_global_document(stamp)
+            glob = self._read_global()
             task = model.new_task_document(
                 task_id, description, priority=priority, workspace=str(file.path.parent),
                 workspace_base=str(self.base), client_cwd=client_cwd, now=stamp, **limits)
@@ -240,7 +271,7 @@ class Registry:
                                      or not 0 <= progress <= 100):
             raise InvalidArgument(f"progress must be a whole number from 0 to 100, not {progress!r}",
                                   progress=progress)
-        file = self.task_file(task_id)
+        file = self._existing_task_file(task_id)
         with file.locked():
             task = self._read_task(task_id)
             agent = self._agent(task, agent_id)
@@ -262,7 +293,7 @@ class Registry:
             if new == old:
                 file.write(task)
             else:
-                with self.global_file.locked():
+                with self._global_locked():
                     self._commit(file, task, self._read_global())
             return dict(agent)
 
@@ -288,7 +319,7 @@ class Registry:
 
         Returns the ids it reaped.  If tmux cannot be queried, raises SessionError and reaps nothing.
         """
-        file = self.task_file(task_id)
+        file = self._existing_task_file(task_id)
         with file.locked():
             task = self._read_task(task_id)
             active = [a for a in task["agents"] if is_active(a)]
@@ -298,7 +329,7 @@ class Registry:
             zombies = [a for a in active if (a.get("tmux_session") or model.session_name(a["id"])) not in alive]
             if not zombies:
                 return []
-            with self.global_file.locked():
+            with self._global_locked():
                 glob = self._read_global()
                 stamp = now()
                 for agent in zombies:

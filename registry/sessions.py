@@ -40,10 +40,12 @@ def agent_command(template: str | None, *, base: Path, task_id: str, agent_id: s
 class TmuxSessions:
     """Start, kill and list agent sessions on one tmux server."""
 
-    def __init__(self, *, socket_name: str | None = None, socket_path: str | Path | None = None) -> None:
+    def __init__(self, *, socket_name: str | None = None, socket_path: str | Path | None = None,
+                 tmux_bin: str | Path | None = None) -> None:
+        """*tmux_bin*: the tmux executable (default: ``tmux`` on PATH); chaos tests point it at a failing one."""
         if socket_path is None and socket_name is None:
             socket_name = os.environ.get("ORCH_TMUX_SOCKET") or None
-        self.server = libtmux.Server(socket_name=socket_name, socket_path=socket_path)
+        self.server = libtmux.Server(socket_name=socket_name, socket_path=socket_path, tmux_bin=tmux_bin)
 
     def __repr__(self) -> str:
         return f"TmuxSessions({self.server!r})"
