@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from .errors import SessionError
 
 #: tmux's answers when no server listens on the socket: then there are no sessions, which is a fact, not a failure.
 _NO_SERVER = ("no server running", "No such file or directory", "Connection refused")
+#: tmux's answer when the server went away mid-query, as it does when its last session ends.
+_EXITING = "server exited unexpectedly"
+_EXITING_RETRIES = 10
 
 DEFAULT_AGENT_COMMAND = "{python} -m registry.stub_agent --base {base} --task {task_id} --agent {agent_id}"
 
@@ -74,17 +78,22 @@ class TmuxSessions:
     def alive(self) -> set[str]:
         """Names of every live session.  Raises SessionError when the query itself failed.
 
-        A server that is not running (no socket, or a dead one) has no sessions: that is an empty set.
+        A server that is not running (no socket, or a dead one) has no sessions: that is an empty set.  A server
+        that went away while answering (it exits with its last session) is asked again, briefly, before giving up.
         """
-        try:
-            proc = self.server.cmd("list-sessions", "-F", "#{session_name}")
-        except (tmux_exc.LibTmuxException, OSError) as exc:
-            raise SessionError(f"could not list tmux sessions: {exc}") from exc
-        if proc.returncode == 0:
-            return {line for line in proc.stdout if line}
-        stderr = " ".join(proc.stderr)
-        if any(marker in stderr for marker in _NO_SERVER):
-            return set()
+        for attempt in range(_EXITING_RETRIES + 1):
+            try:
+                proc = self.server.cmd("list-sessions", "-F", "#{session_name}")
+            except (tmux_exc.LibTmuxException, OSError) as exc:
+                raise SessionError(f"could not list tmux sessions: {exc}") from exc
+            if proc.returncode == 0:
+                return {line for line in proc.stdout if line}
+            stderr = " ".join(proc.stderr)
+            if any(marker in stderr for marker in _NO_SERVER):
+                return set()
+            if _EXITING not in stderr or attempt == _EXITING_RETRIES:
+                break
+            time.sleep(0.02)
         raise SessionError(f"could not list tmux sessions (tmux exit {proc.returncode}): {stderr or 'no message'}")
 
     def kill_server(self) -> None:

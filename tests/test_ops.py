@@ -670,3 +670,84 @@ def test_deploy_and_update_on_the_samples_keep_every_key_they_do_not_own(samples
     assert (glob["total_agents_spawned"], glob["active_agents"]) == (29, 2)
     assert {k: v for k, v in snapshot(samples).items() if k in untouched} == untouched
     assert_consistent(reg)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A crash between the task write and the global write
+
+
+def _prepare(reg: Registry, operation: str) -> tuple[str, tuple[Any, ...]]:
+    """A workspace ready for *operation*; return the task it concerns and the operation's arguments."""
+    if operation == "create_task (the first)":
+        return "TASK-first", ("the very first task", "P1", 45, 5, 20)
+    task_id = reg.create_task("crash target")
+    if operation == "create_task":
+        return "TASK-second", ("a second task", "P1", 45, 5, 20)
+    if operation == "deploy":
+        return task_id, (task_id, "doomed", "crash while registering me")
+    agent = reg.deploy(task_id, "victim")
+    reg.deploy(task_id, "bystander")
+    if operation == "update to completed":
+        return task_id, (task_id, agent["id"], "completed", "done", 100)
+    if operation == "update to working":
+        return task_id, (task_id, agent["id"], "working", "busy", 10)
+    if operation == "kill":
+        return task_id, (task_id, agent["id"], "stop")
+    assert tmux_cli("kill-session", "-t", agent["tmux_session"]).returncode == 0
+    return task_id, (task_id,)
+
+
+def _crash_create_task(base: str, task_id: str, args: tuple[Any, ...]) -> None:
+    from helpers_registry import crash_at
+
+    reg = Registry(base)
+    crash_at("between_task_and_global", TASK_FILE, 17)
+    reg.create_task(*args, task_id=task_id)
+
+
+@pytest.mark.parametrize("operation", ["create_task (the first)", "create_task", "deploy", "update to completed",
+                                       "update to working", "kill", "reconcile"])
+def test_a_crash_between_the_task_write_and_the_global_write_heals_when_the_registry_is_reopened(
+        base: Path, tmux: TmuxSessions, operation: str) -> None:
+    from helpers_registry import crash_during
+
+    reg = Registry(base)
+    task_id, args = _prepare(reg, operation)
+    if operation.startswith("create_task"):
+        code, outcome = run_in_child(_crash_create_task, str(base), task_id, args)
+    else:
+        method = operation.split()[0]
+        code, outcome = run_in_child(crash_during, str(base), method, args, "between_task_and_global", TASK_FILE)
+    assert (code, outcome) == (17, None), "the child did not die at the crash point"
+
+    stale = Registry(base, heal=False)
+    tasks = {t: stale.read_task(t) for t in stale.task_ids()}
+    assert task_id in tasks, "the task registry was not written before the crash"
+    assert global_violations(stale.read_global(), tasks) != [], "the crash left nothing to heal"
+
+    healed = Registry(base)
+    assert_consistent(healed)
+    glob = healed.read_global()
+    for agent in healed.read_task(task_id)["agents"]:
+        assert glob["agents"][agent["id"]]["status"] == agent["status"]
+    assert task_id in glob["tasks"]
+    if operation == "deploy":
+        (doomed,) = [a for a in healed.read_task(task_id)["agents"] if a["type"] == "doomed"]
+        assert doomed["tmux_session"] in agent_sessions(tmux), "a registered agent lost its session"
+    healed.deploy(task_id, "after-the-crash")  # and the workspace works on
+    assert_consistent(healed)
+
+
+def _hold_locks_and_die(base: str, task_id: str) -> None:
+    from helpers_registry import crash_at
+
+    crash_at("holding_lock", "GLOBAL_REGISTRY.json", 17)
+    Registry(base).deploy(task_id, "dies-holding-both-locks")
+
+
+def test_a_process_that_dies_holding_the_locks_does_not_wedge_the_registry(reg: Registry, task: str) -> None:
+    code, _ = run_in_child(_hold_locks_and_die, str(reg.base), task)
+    assert code == 17
+    quick = Registry(reg.base, lock_timeout=0)
+    assert quick.deploy(task, "next")["status"] == "running"
+    assert_consistent(quick)
