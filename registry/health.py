@@ -110,11 +110,16 @@ def _violation(v: Violation) -> Finding:
     return Finding(v.rule, v.message, v.task_id, v.agent_id)
 
 
-def _load_all(reg: Registry) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None, list[Finding]]:
-    """Every task document that parses, the global document (or None), and findings for those that do not."""
+def _load_all(reg: Registry, task_ids: list[str] | None = None
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None, list[Finding]]:
+    """Every task document that parses, the global document (or None), and findings for those that do not.
+
+    *task_ids*: the tasks to read (default: every task of the workspace).  Tasks the global registry lists but
+    whose registry is gone are reported ``missing``.
+    """
     findings: list[Finding] = []
     tasks: dict[str, dict[str, Any]] = {}
-    for task_id in reg.task_ids():
+    for task_id in reg.task_ids() if task_ids is None else task_ids:
         try:
             tasks[task_id] = reg.task_file(task_id).read()
         except CorruptRegistry as exc:
@@ -130,6 +135,12 @@ def _load_all(reg: Registry) -> tuple[dict[str, dict[str, Any]], dict[str, Any] 
         if tasks or findings:
             findings.append(Finding("missing", f"the global registry {reg.global_file.path} is missing",
                                     path=str(reg.global_file.path)))
+    if glob is not None:
+        present = set(tasks) | {f.task_id for f in findings if f.task_id}
+        for task_id in sorted(set(glob.get("tasks", {})) - present):
+            path = reg.base / task_id / model.TASK_FILE
+            findings.append(Finding("missing", f"the global registry lists task {task_id} but {path} is missing",
+                                    task_id, path=str(path)))
     return tasks, glob, findings
 
 
@@ -233,11 +244,12 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
     task_ids = reg.task_ids()
     files = [reg.task_file(t) for t in task_ids]
     with contextlib.ExitStack() as stack:
-        for file in files:
-            stack.enter_context(file.locked())
-        reg.global_file.path.parent.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(reg.global_file.locked())
-        tasks, glob, problems = _load_all(reg)
+        if not dry_run:  # a dry run only reads, and reads are atomic: it creates nothing, not even a lock file
+            for file in files:
+                stack.enter_context(file.locked())
+            reg.global_file.path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(reg.global_file.locked())
+        tasks, glob, problems = _load_all(reg, task_ids)  # only the tasks whose locks are held
         backup_dir = None if dry_run else _backup(reg, [*files, reg.global_file])
         changed: set[str] = set()
 
