@@ -62,11 +62,18 @@ def record(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., dict
 
 @pytest.fixture(scope="session")
 def tmux_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private tmux server for the whole run; agents' sessions run ``sleep`` (they cost nothing)."""
+    """A private tmux server for the whole run; agents' sessions run ``sleep`` (they cost nothing).
+
+    A keep-alive session holds the server up: tmux exits with its last session, and a deploy racing a dying server
+    fails, or pays for starting a new server, which an orchestrator with agents running never does.
+    """
+    from registry.sessions import TmuxSessions
+
     saved = os.environ.get("ORCH_AGENT_COMMAND")
     os.environ["ORCH_AGENT_COMMAND"] = QUIET_AGENT_COMMAND
     try:
         with private_server(tmp_path_factory.mktemp("tmux")) as tmux_dir:
+            TmuxSessions().start("bench_keepalive", QUIET_AGENT_COMMAND)
             yield tmux_dir
     finally:
         if saved is None:
