@@ -144,9 +144,19 @@ def _load_all(reg: Registry, task_ids: list[str] | None = None
     return tasks, glob, findings
 
 
-def _session_findings(tasks: dict[str, dict[str, Any]], alive: set[str]) -> list[Finding]:
+def _unreadable_sessions(glob: dict[str, Any] | None, problems: list[Finding]) -> set[str]:
+    """Sessions of agents of tasks whose registry cannot be read: whether they leak nobody can tell, so they are
+    never reported as leaks nor killed as such."""
+    unreadable = {p.task_id for p in problems if p.kind == "corrupt" and p.task_id}
+    if glob is None or not unreadable:
+        return set()
+    return {view.get("tmux_session") or model.session_name(agent_id)
+            for agent_id, view in glob.get("agents", {}).items() if view.get("task_id") in unreadable}
+
+
+def _session_findings(tasks: dict[str, dict[str, Any]], alive: set[str], unknown: set[str]) -> list[Finding]:
     findings = []
-    owned = set()
+    owned = set(unknown)
     for task_id, task in tasks.items():
         for agent in task["agents"]:
             session = agent.get("tmux_session") or model.session_name(agent["id"])
@@ -178,7 +188,7 @@ def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthRe
         alive = None
         findings.append(Finding("tmux_unreachable", f"{exc}; zombies and leaks were not checked"))
     if alive is not None:
-        findings += _session_findings(tasks, alive)
+        findings += _session_findings(tasks, alive, _unreadable_sessions(glob, findings))
     agents = [a for t in tasks.values() for a in t["agents"]]
     return HealthReport(str(reg.base), len(tasks), len(agents), sum(1 for a in agents if is_active(a)),
                         None if alive is None else sum(1 for s in alive if s.startswith("agent_")),
@@ -321,6 +331,7 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
         if alive is not None:
             owned = {a.get("tmux_session") or model.session_name(a["id"])
                      for t in tasks.values() for a in t["agents"] if is_active(a)}
+            owned |= _unreadable_sessions(glob, [p for p in problems if p.task_id not in tasks])
             for session in sorted(s for s in alive - owned if s.startswith("agent_")):
                 if kill_leaks:
                     if not dry_run:

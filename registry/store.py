@@ -5,8 +5,10 @@ locks the same inode), read, let the caller change the document, and replace the
 
     temp file in the same directory -> write -> flush -> fsync -> os.replace -> fsync(directory)
 
-Readers open the path and so see either the old file or the new one, never a torn one.  Before the replace, the
-bytes that were read are copied to ``<file>.bak``, the backup that :mod:`registry.health` restores from.
+Readers open the path and so see either the old file or the new one, never a torn one.  After the replace, the new
+bytes are also copied (temp file + replace, not fsynced) to ``<file>.bak``, the backup that :mod:`registry.health`
+restores from: the last content this store committed, never an uncommitted one.  (A copy of the *previous* content
+would lose the last committed change on restore: an agent registered since would become a leaked session.)
 
 Chaos tests need to stop a process at precise points of this protocol; :func:`set_crash_hook` installs a callable
 that is told each point as it is passed.  Unused, a point costs one test of a module global.
@@ -18,7 +20,6 @@ import contextlib
 import json
 import os
 import secrets
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,16 +141,6 @@ class JsonFile:
         # exclude each other like processes do (a shared context would let a second thread in on the first's hold).
         self._lock = filelock.FileLock(self.lock_path, thread_local=True, fallback_to_soft=False,
                                        poll_interval=LOCK_POLL_INTERVAL)
-        self._local = threading.local()  # per thread: ``raw``, the bytes read under the lock, for the backup
-
-    @property
-    def _raw(self) -> bytes | None:
-        raw: bytes | None = getattr(self._local, "raw", None)
-        return raw
-
-    @_raw.setter
-    def _raw(self, value: bytes | None) -> None:
-        self._local.raw = value
 
     # -- locking ------------------------------------------------------------------------------------------------
 
@@ -168,18 +159,19 @@ class JsonFile:
                 " written. A flock dies with its process, so this is a live holder: retry, or raise"
                 " ORCH_LOCK_TIMEOUT if writes are legitimately slow.",
                 path=str(self.path), timeout=wait) from exc
-        self._raw = None  # bytes read before the lock are not the ones this transaction replaces
         try:
             crash_point("holding_lock", self.path)
             yield
         finally:
-            self._raw = None
             self._lock.release()
 
     # -- reading ------------------------------------------------------------------------------------------------
 
     def read(self) -> Any:
         """Read and parse the file without locking (the replace is atomic).  FileNotFoundError if it is missing."""
+        return self._load()[0]
+
+    def _load(self) -> tuple[Any, bytes]:
         with open(self.path, "rb") as fh:
             data = fh.read()
         io_stats.reads += 1
@@ -187,8 +179,7 @@ class JsonFile:
         doc = parse(data, self.path)
         if self.validate is not None and (problems := self.validate(doc)):
             raise corrupt(self.path, "the JSON has the wrong shape: " + "; ".join(problems))
-        self._raw = data
-        return doc
+        return doc, data
 
     # -- writing ------------------------------------------------------------------------------------------------
 
@@ -204,9 +195,6 @@ class JsonFile:
         tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         replaced = False
         try:
-            if self._raw is not None:  # the last good bytes, for repair; not fsynced: a best-effort copy
-                with open(backup_path(self.path), "wb") as bak:
-                    bak.write(self._raw)
             crash_point("before_temp_write", self.path)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -237,7 +225,18 @@ class JsonFile:
                 path=str(self.path), errno=exc.errno, applied=None if replaced else False) from exc
         io_stats.writes += 1
         io_stats.bytes_written += len(data)
-        self._raw = data
+        self._write_backup(data)
+
+    def _write_backup(self, data: bytes) -> None:
+        """Copy the committed bytes to ``<file>.bak``: best effort, so a failure here fails nothing."""
+        tmp = self.path.parent / f".{self.path.name}.bak.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            tmp.replace(backup_path(self.path))
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     @contextlib.contextmanager
     def transaction(self, timeout: float | None = None,
@@ -248,9 +247,9 @@ class JsonFile:
         a new document.
         """
         with self.locked(timeout):
+            before: bytes | None
             try:
-                doc = self.read()
-                before: bytes | None = self._raw
+                doc, before = self._load()
             except FileNotFoundError:
                 if default is None:
                     raise

@@ -279,12 +279,13 @@ def test_repair_refuses_a_corrupt_task_registry_unless_told_to_restore(reg: Regi
 def test_repair_with_restore_restores_a_corrupt_task_registry_from_its_backup(reg: Registry,
                                                                               workspace: dict[str, Any]) -> None:
     path = task_path(reg, workspace["two"])
-    reg.update(workspace["two"], workspace["runner"]["id"], progress=10)  # the backup is the state before this
+    reg.update(workspace["two"], workspace["runner"]["id"], progress=10)  # the last committed change
     path.write_bytes(b"\0" * 100)
     report = repair(reg.base, dry_run=False, restore=True)
     assert any(a.startswith(f"restored {path} from its backup") for a in report.actions)
-    assert reg.read_task(workspace["two"])["agents"][1]["progress"] == 0
-    assert check(reg.base).healthy
+    assert reg.read_task(workspace["two"])["agents"][1]["progress"] == 10
+    report = check(reg.base)
+    assert report.healthy, report.render()
 
 
 def test_repair_with_restore_rebuilds_a_task_registry_without_a_usable_backup(reg: Registry,

@@ -66,11 +66,13 @@ def test_a_write_replaces_the_file_and_leaves_no_temp_file(doc_file: JsonFile) -
     assert sorted(p.name for p in doc_file.path.parent.iterdir()) == ["doc.json", "doc.json.bak", "doc.json.lock"]
 
 
-def test_the_backup_holds_the_bytes_the_last_write_replaced(doc_file: JsonFile) -> None:
-    first = doc_file.path.read_bytes()
+def test_the_backup_holds_the_bytes_of_the_last_committed_write(doc_file: JsonFile) -> None:
+    assert backup_path(doc_file.path).read_bytes() == doc_file.path.read_bytes()
     with doc_file.transaction() as doc:
         doc["version"] = 2
-    assert backup_path(doc_file.path).read_bytes() == first
+    assert json.loads(backup_path(doc_file.path).read_bytes()) == {"version": 2}
+    doc_file.path.write_bytes(b"garbage from an unlocked writer")
+    assert json.loads(backup_path(doc_file.path).read_bytes()) == {"version": 2}
 
 
 def test_the_lock_file_exists_after_and_is_never_unlinked(doc_file: JsonFile) -> None:
@@ -251,6 +253,7 @@ def test_json_of_the_wrong_shape_is_corrupt_and_left_untouched(tmp_path: Path, c
 def test_a_full_disk_before_the_temp_write_leaves_the_old_file_and_raises_write_failed(
         doc_file: JsonFile, no_crash_hook: None) -> None:
     before = doc_file.path.read_bytes()
+    backup_before = backup_path(doc_file.path).read_bytes()
 
     def disk_full(point: str, path: Path) -> None:
         if point == "before_temp_write":
@@ -264,6 +267,7 @@ def test_a_full_disk_before_the_temp_write_leaves_the_old_file_and_raises_write_
     assert isinstance(raised.value, OSError)
     assert "unchanged" in str(raised.value)
     assert doc_file.path.read_bytes() == before
+    assert backup_path(doc_file.path).read_bytes() == backup_before, "an uncommitted change reached the backup"
     assert not list(doc_file.path.parent.glob("*.tmp"))
     assert not doc_file._lock.is_locked
 
