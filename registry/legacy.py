@@ -88,10 +88,11 @@ class LegacyRegistry:
             raise LimitExceeded(f"too many active agents in {task_id}", task_id=task_id, limit="max_concurrent")
         if task["total_spawned"] >= task.get("max_agents", model.DEFAULT_MAX_AGENTS):
             raise LimitExceeded(f"too many agents in {task_id}", task_id=task_id, limit="max_agents")
-        # Load 2: the parent's depth.
+        # Load 2: the parent's depth (read even for the orchestrator, as the old code did).
         depth = 1
+        siblings = self._load_task(task_id)["agents"]
         if parent != ORCHESTRATOR:
-            parents = [a for a in self._load_task(task_id)["agents"] if a["id"] == parent]
+            parents = [a for a in siblings if a["id"] == parent]
             if not parents:
                 raise UnknownAgent(f"no parent {parent} in {task_id}", task_id=task_id, agent_id=parent)
             depth = parents[0]["depth"] + 1
