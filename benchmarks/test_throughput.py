@@ -85,6 +85,8 @@ ALTERNATIVES: dict[str, dict[str, Any]] = {
     "what-if flock": {"variant": "flock"},
     "what-if no-bak": {"variant": "no-bak"},
     "what-if flock+no-bak": {"variant": "flock+no-bak"},
+    "what-if link-bak": {"variant": "link-bak"},
+    "what-if flock+link-bak": {"variant": "flock+link-bak"},
     "what-if locking.FlockLock": {"variant": "locking.FlockLock"},
 }
 

@@ -89,20 +89,47 @@ class FlockJsonFile(JsonFile):
         try:
             yield
         finally:
-            self._raw = None
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 class NoBackupJsonFile(JsonFile):
-    """What-if: the reference store without the ``.bak`` copy it writes before every replace."""
+    """What-if: the reference store without the ``.bak`` copy it makes of every write (``JsonFile._write_backup``)."""
 
-    def write_bytes(self, data: bytes) -> None:
-        self._raw = None
-        super().write_bytes(data)
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        if not callable(getattr(JsonFile, "_write_backup", None)):  # do not measure a variant that changes nothing
+            raise RuntimeError("registry.store.JsonFile no longer has _write_backup: update NoBackupJsonFile")
+        super().__init__(path, **kwargs)
+
+    def _write_backup(self, data: bytes) -> None:
+        return None
+
+
+class LinkBackupJsonFile(NoBackupJsonFile):
+    """What-if: the ``.bak`` made as a hard link to the file just committed instead of a copy of its bytes.
+
+    The registry file is only ever replaced, never written in place, so a second name for the committed inode is an
+    exact snapshot: no data written, and no rename over ``.bak`` of a file whose blocks are still unallocated (which
+    is what makes ext4's auto_da_alloc flush the copy).
+    """
+
+    def _write_backup(self, data: bytes) -> None:
+        from registry.store import backup_path
+
+        tmp = self.path.parent / f".{self.path.name}.bak.{os.getpid()}.link.tmp"
+        try:
+            os.link(self.path, tmp)
+            tmp.replace(backup_path(self.path))
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 class FlockNoBackupJsonFile(FlockJsonFile, NoBackupJsonFile):
     """What-if: both changes."""
+
+
+class FlockLinkBackupJsonFile(FlockJsonFile, LinkBackupJsonFile):
+    """What-if: a blocking flock and the hard-link backup."""
 
 
 class LockingJsonFile(JsonFile):
@@ -121,17 +148,15 @@ class LockingJsonFile(JsonFile):
         t0 = clock()
         self._flock.acquire(self.lock_timeout if timeout is None else timeout)
         self.waits_ns.append(clock() - t0)
-        self._raw = None
         try:
             yield
         finally:
-            self._raw = None
             self._flock.release()
 
 
 STORE_VARIANTS: dict[str, type[JsonFile]] = {
     "flock": FlockJsonFile, "no-bak": NoBackupJsonFile, "flock+no-bak": FlockNoBackupJsonFile,
-    "locking.FlockLock": LockingJsonFile,
+    "link-bak": LinkBackupJsonFile, "flock+link-bak": FlockLinkBackupJsonFile, "locking.FlockLock": LockingJsonFile,
 }
 
 
