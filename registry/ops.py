@@ -155,8 +155,8 @@ class Registry:
         except WriteFailed as exc:
             raise WriteFailed(
                 f"{task_file.path} was written but {self.global_file.path} was not ({exc}). The task registry holds"
-                " the change; the global registry is re-synced from it by the next write to the task or when a"
-                " Registry is opened.", path=str(self.global_file.path), errno=getattr(exc, "errno", None),
+                " the change; the global registry is re-synced from it by the next status change in the task, or"
+                " when a Registry is opened.", path=str(self.global_file.path), errno=getattr(exc, "errno", None),
                 applied=None) from exc
 
     # -- operations -----------------------------------------------------------------------------------------------
@@ -289,6 +289,8 @@ class Registry:
             if new in TERMINAL:
                 self._finish(task, agent, new, stamp, reason=message)
             else:
+                if old not in ACTIVE:  # from a status the registry does not know (a hand-edited file)
+                    task["active_count"] = task.get("active_count", 0) + 1
                 agent["status"] = new
             if new == old:
                 file.write(task)

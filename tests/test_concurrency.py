@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers_registry import lost_updates, run_workload, spawn
@@ -102,3 +103,44 @@ def test_tasks_created_concurrently_all_reach_the_global_registry(base: Path, tm
     assert sorted(glob["tasks"]) == sorted(created)
     assert glob["total_tasks"] == 20
     assert_every_invariant(reg, created)
+
+
+def _deploy_once(impl: str, base: str, task_id: str, kind: str, barrier: Any) -> bool:
+    reg: Registry | LegacyRegistry = Registry(base) if impl == "reference" else LegacyRegistry(base)
+    barrier.wait()
+    try:
+        reg.deploy(task_id, kind)
+    except Exception:
+        return False
+    return True
+
+
+def _deploy_together(impl: str, base: Path, task_id: str, n: int) -> int:
+    ctx = spawn()
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(n)
+        with ctx.Pool(n) as pool:
+            return sum(pool.starmap(_deploy_once, [(impl, str(base), task_id, f"kind{i}", barrier)
+                                                    for i in range(n)]))
+
+
+def test_deploys_racing_against_max_concurrent_never_exceed_it_through_the_reference(
+        base: Path, tmux: TmuxSessions) -> None:
+    reg = Registry(base)
+    task_id = reg.create_task("two at once", max_concurrent=2)
+    assert _deploy_together("reference", base, task_id, 6) == 2
+    task = reg.read_task(task_id)
+    assert task["active_count"] == 2
+    assert task_violations(task) == []
+
+
+def test_the_legacy_checks_limits_on_a_stale_read_and_exceeds_max_concurrent(base: Path,
+                                                                             tmux: TmuxSessions) -> None:
+    accepted = []
+    for attempt in range(3):
+        legacy = LegacyRegistry(base / f"attempt-{attempt}")
+        task_id = legacy.create_task("two at once", max_concurrent=2)
+        accepted.append(_deploy_together("legacy", legacy.base, task_id, 6))
+        if accepted[-1] > 2:
+            break
+    assert max(accepted) > 2, f"the legacy registry accepted {accepted} deploys against max_concurrent 2"

@@ -750,3 +750,87 @@ def test_a_process_that_dies_holding_the_locks_does_not_wedge_the_registry(reg: 
     quick = Registry(reg.base, lock_timeout=0)
     assert quick.deploy(task, "next")["status"] == "running"
     assert_consistent(quick)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One critical section over both registries
+
+
+def _deploy_and_pause_between_the_writes(base: str, task_id: str, paused: str, resume: str) -> str:
+    def pause(point: str, path: Path) -> None:
+        if point == "between_task_and_global":
+            Path(paused).touch()
+            deadline = time.monotonic() + 30
+            while not Path(resume).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    set_crash_hook(pause)
+    agent: dict[str, Any] = Registry(base).deploy(task_id, "paused")
+    return str(agent["id"])
+
+
+def test_deploy_holds_the_task_and_the_global_lock_across_both_writes(reg: Registry, task: str,
+                                                                      tmp_path: Path) -> None:
+    from helpers_registry import spawn
+
+    paused, resume = tmp_path / "paused", tmp_path / "resume"
+    with spawn().Pool(1) as pool:
+        pending = pool.apply_async(_deploy_and_pause_between_the_writes,
+                                   (str(reg.base), task, str(paused), str(resume)))
+        try:
+            deadline = time.monotonic() + 30
+            while not paused.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert paused.exists(), "the deploy never reached the point between its two writes"
+            for file in (reg.task_file(task), reg.global_file):
+                with pytest.raises(registry.LockTimeout), file.locked(timeout=0):
+                    pass
+            with pytest.raises(registry.LockTimeout):  # a create_task needs the global lock too
+                Registry(reg.base, lock_timeout=0.2, heal=False).create_task("another task")
+        finally:
+            resume.touch()
+        agent_id = pending.get(timeout=60)
+    assert agent_of(reg, task, agent_id)["status"] == "running"
+    assert_consistent(reg)
+
+
+def test_a_write_passes_every_point_of_the_protocol_in_order(reg: Registry, task: str,
+                                                             no_crash_hook: None) -> None:
+    seen: list[tuple[str, str]] = []
+    set_crash_hook(lambda point, path: seen.append((point, path.name)))
+    Registry(reg.base, lock_timeout=0.5).deploy(task, "observed")
+    assert seen == [("holding_lock", TASK_FILE), ("holding_lock", GLOBAL_FILE),
+                    ("before_temp_write", TASK_FILE), ("after_temp_write", TASK_FILE), ("after_fsync", TASK_FILE),
+                    ("after_rename", TASK_FILE), ("between_task_and_global", TASK_FILE),
+                    ("before_temp_write", GLOBAL_FILE), ("after_temp_write", GLOBAL_FILE),
+                    ("after_fsync", GLOBAL_FILE), ("after_rename", GLOBAL_FILE)]
+
+
+def test_the_directory_is_opened_after_the_rename_to_be_fsynced(reg: Registry, task: str) -> None:
+    with count_opens(directory=reg.base / task) as counts:
+        reg.update(task, reg.deploy(task, "synced")["id"], progress=5)
+    assert counts.reads["directory"] == 2  # one directory fsync per task write: the deploy and the update
+
+
+def test_the_workspace_is_orch_workspace_else_dot_agent_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  tmux: TmuxSessions) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ORCH_WORKSPACE", raising=False)
+    assert registry.default_base() == Path(".agent-workspace")
+    assert Registry().base == tmp_path / ".agent-workspace"
+    monkeypatch.setenv("ORCH_WORKSPACE", str(tmp_path / "elsewhere"))
+    task_id = Registry().create_task("from the environment")
+    assert (tmp_path / "elsewhere" / task_id / TASK_FILE).is_file()
+
+
+def test_an_agent_leaving_a_status_the_registry_does_not_know_is_counted_once_active(reg: Registry,
+                                                                                      task: str) -> None:
+    agent = reg.deploy(task, "odd")
+    path = reg.base / task / TASK_FILE
+    doc = json.loads(path.read_bytes())
+    doc["agents"][0]["status"] = "pending"  # hand-edited by someone
+    doc["active_count"] = 0
+    path.write_text(json.dumps(doc))
+    reg.update(task, agent["id"], "working")
+    assert reg.read_task(task)["active_count"] == 1
+    assert task_violations(reg.read_task(task)) == []
