@@ -824,7 +824,10 @@ class Chaos:
         if proc.returncode != 0 or not proc.stdout or not proc.stdout[0].isdigit():
             raise ChaosError(f"could not find the tmux server's pid: {' '.join(proc.stderr) or proc.stdout}")
         pid = int(proc.stdout[0])
-        self.tape.fault("tmux_server_sigkill", pid=pid)
+        doomed = sorted(TmuxSessions().alive())
+        self.tape.fault("tmux_server_sigkill", pid=pid, sessions=len(doomed))
+        for session in doomed:  # what the checks read: each session that went with the server is a tmux_kill
+            self.tape.fault("tmux_kill", session=session, by=f"server sigkill (pid {pid})")
         os.kill(pid, signal.SIGKILL)
         for _ in range(400):  # its socket refuses connections once it is gone
             try:
