@@ -4,11 +4,13 @@ Locks are always taken in one order: the task registry, then the global registry
 An operation that changes what the global registry records holds both locks from its read to its last write, so
 no other writer sees the two disagree.
 
-A crash between the task write and the global write is the one way they can still disagree.  The task registries
-are the source of truth and the global registry is their projection (:func:`registry.model.project_task`), so the
-design is *rebuild the global view from the tasks*: every operation that writes the global registry rewrites the
-whole projection of its task, and :meth:`Registry.heal`, run when a :class:`Registry` is opened, re-syncs any task
-whose projection the global registry does not match.  No write-ahead log, and no extra fsync on the hot path.
+A crash (or a failed write) between the task write and the global write is the one way they can still disagree.
+The task registries are the source of truth and the global registry is their projection
+(:func:`registry.model.project_task`), so the design is *rebuild the global view from the tasks*: every operation
+that writes the global registry re-syncs the whole projection of its task, and :meth:`Registry.heal`, run when a
+:class:`Registry` is opened, re-syncs any task whose projection the global registry does not match.  No write-ahead
+log, and no extra fsync on the hot path.  For the same reason the global registry is created (empty) before the
+first task registry is written: a crash after that first task write must leave something to heal.
 
 A progress report that does not change an agent's status writes the task registry only: the global registry does
 not record progress, and its ``last_update`` is refreshed whenever its entry is rewritten.
@@ -289,7 +291,7 @@ class Registry:
             if new in TERMINAL:
                 self._finish(task, agent, new, stamp, reason=message)
             else:
-                if old not in ACTIVE:  # from a status the registry does not know (a hand-edited file)
+                if old not in ACTIVE and new in ACTIVE:  # from a status the registry does not know (hand-edited)
                     task["active_count"] = task.get("active_count", 0) + 1
                 agent["status"] = new
             if new == old:

@@ -831,6 +831,8 @@ def test_an_agent_leaving_a_status_the_registry_does_not_know_is_counted_once_ac
     doc["agents"][0]["status"] = "pending"  # hand-edited by someone
     doc["active_count"] = 0
     path.write_text(json.dumps(doc))
+    reg.update(task, agent["id"], progress=10)
+    assert reg.read_task(task)["active_count"] == 0
     reg.update(task, agent["id"], "working")
     assert reg.read_task(task)["active_count"] == 1
     assert task_violations(reg.read_task(task)) == []
