@@ -304,6 +304,10 @@ class Registry:
     def kill(self, task_id: str, agent_id: str, reason: str = "killed") -> dict[str, Any]:
         """Kill the agent's session and mark it ``terminated`` with *reason*; return its record.
 
+        The session is killed first: should the write then fail (or the process die), the agent is a zombie that
+        ``reconcile`` marks terminated, never a registered-as-terminated agent that runs on.  Such a failure is a
+        WriteFailed with ``applied`` None: the session is gone although the registry still says active.
+
         Raises InvalidTransition if the agent is already terminal, UnknownAgent, UnknownTask, SessionError.
         """
         with self._both_locked(task_id) as file:
@@ -313,9 +317,18 @@ class Registry:
                 raise InvalidTransition(f"agent {agent_id} is already {agent['status']}", task_id=task_id,
                                         agent_id=agent_id)
             glob = self._read_global()
-            self.sessions.kill(agent.get("tmux_session") or model.session_name(agent_id))
+            session = agent.get("tmux_session") or model.session_name(agent_id)
+            killed = self.sessions.kill(session)
             self._finish(task, agent, "terminated", now(), reason=reason)
-            self._commit(file, task, glob)
+            try:
+                self._commit(file, task, glob)
+            except WriteFailed as exc:
+                if not killed or exc.applied is not False:
+                    raise
+                raise WriteFailed(
+                    f"session {session} was killed but {exc} The agent is a zombie now: the next reconcile marks it"
+                    " terminated (session_not_found).", path=exc.details.get("path"), errno=exc.details.get("errno"),
+                    applied=None) from exc
             return dict(agent)
 
     def reconcile(self, task_id: str) -> list[str]:

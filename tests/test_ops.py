@@ -836,3 +836,23 @@ def test_an_agent_leaving_a_status_the_registry_does_not_know_is_counted_once_ac
     reg.update(task, agent["id"], "working")
     assert reg.read_task(task)["active_count"] == 1
     assert task_violations(reg.read_task(task)) == []
+
+
+def test_a_kill_whose_write_fails_after_the_session_died_says_it_may_be_applied(
+        reg: Registry, task: str, tmux: TmuxSessions, no_crash_hook: None) -> None:
+    agent = reg.deploy(task, "doomed")
+
+    def disk_full(point: str, path: Path) -> None:
+        if point == "before_temp_write" and path.name == TASK_FILE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    set_crash_hook(disk_full)
+    with pytest.raises(WriteFailed) as raised:
+        reg.kill(task, agent["id"])
+    set_crash_hook(None)
+    assert raised.value.applied is None, "the session is gone: the kill is not 'certainly not applied'"
+    assert "zombie" in str(raised.value)
+    assert agent["tmux_session"] not in tmux.alive()
+    assert agent_of(reg, task, agent["id"])["status"] == "running"
+    assert reg.reconcile(task) == [agent["id"]]
+    assert_consistent(reg)
