@@ -754,6 +754,28 @@ class Chaos:
         self.tape.fault("corrupt", kind=kind, file=file_label(path), bytes=None if new is None else len(new))
         return new
 
+    def drift_counters(self, path: Path) -> dict[str, tuple[int, int]]:
+        """Rewrite the task registry *path* with its counters off by seeded amounts, as an unlocked writer leaves
+        them: valid JSON of the right shape, replaced atomically, only the numbers wrong.  Returns key -> (old, new).
+        """
+        import json
+
+        rng = self._rng("drift")
+        doc = json.loads(path.read_bytes())
+        keys = rng.sample(["total_spawned", "active_count", "completed_count"], rng.randint(1, 3))
+        changes = {}
+        for key in sorted(keys):
+            old = int(doc.get(key, 0))
+            new = old + rng.choice([-3, -2, -1, 1, 2, 3, 5])
+            doc[key] = new
+            changes[key] = (old, new)
+        tmp = path.with_name(f".{path.name}.drift.tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(path)
+        self.tape.fault("drift_counters", file=file_label(path),
+                        **{key: f"{old} -> {new}" for key, (old, new) in changes.items()})
+        return changes
+
     # -- a full disk -----------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
