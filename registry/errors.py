@@ -54,13 +54,21 @@ class InvalidArgument(RegistryError, ValueError):
 class InvalidName(InvalidArgument):
     """A task id or agent type that is empty, too long, or holds characters unsafe for paths and tmux."""
 
+    kind: str = ""  # what the name is for: "task id", "agent type", "parent"
+    value: object = None
+
 
 class UnknownTask(RegistryError, LookupError):
     """No task registry with that id in the workspace."""
 
+    task_id: str | None = None
+
 
 class UnknownAgent(RegistryError, LookupError):
     """No agent with that id in the task registry."""
+
+    task_id: str | None = None
+    agent_id: str | None = None
 
 
 class InvalidTransition(RegistryError, ValueError):
@@ -70,13 +78,22 @@ class InvalidTransition(RegistryError, ValueError):
 class LimitExceeded(RegistryError):
     """The operation would break max_agents, max_concurrent or max_depth."""
 
+    task_id: str | None = None
+    limit: str = ""  # "max_agents", "max_concurrent", "max_depth", or "unique_type" for a DuplicateAgent
+
 
 class DuplicateAgent(LimitExceeded):
     """The task already has an active agent of that type."""
 
+    limit = "unique_type"
+    existing: str = ""  # the id of the active agent of that type
+
 
 class LockTimeout(RegistryError, TimeoutError):
     """The registry lock could not be acquired in time.  Nothing was read or written."""
+
+    path: str = ""
+    timeout: float = 0.0
 
 
 class CorruptRegistry(RegistryError, ValueError):
@@ -99,8 +116,11 @@ class RegistryMissing(RegistryError, FileNotFoundError):
 class SessionError(RegistryError, OSError):
     """tmux failed to start, kill or list sessions."""
 
+    session: str | None = None
+
 
 class WriteFailed(RegistryError, OSError):
     """Writing a registry failed part way; the change may or may not have reached the disk."""
 
     applied = None
+    path: str = ""

@@ -284,8 +284,8 @@ def test_repair_with_restore_restores_a_corrupt_task_registry_from_its_backup(re
     report = repair(reg.base, dry_run=False, restore=True)
     assert any(a.startswith(f"restored {path} from its backup") for a in report.actions)
     assert reg.read_task(workspace["two"])["agents"][1]["progress"] == 10
-    report = check(reg.base)
-    assert report.healthy, report.render()
+    health = check(reg.base)
+    assert health.healthy, health.render()
 
 
 def test_repair_with_restore_rebuilds_a_task_registry_without_a_usable_backup(reg: Registry,

@@ -146,7 +146,7 @@ def test_the_stub_agent_reports_each_progress_value_then_sleeps_until_killed(stu
         record = next(a for a in reg.read_task(task_id)["agents"] if a["id"] == agent["id"])
         if not seen or seen[-1] != record["progress"]:
             seen.append(record["progress"])
-        return record["progress"] == 75 and record["status"] == "working"
+        return bool(record["progress"] == 75 and record["status"] == "working")
 
     wait_for(reported_75, "the stub agent to report 75%")
     assert seen == sorted(seen)
