@@ -104,7 +104,7 @@ def test_legacy_fails_the_chaos_suite_with_corruption_or_lost_updates_and_lists_
         assert lines, block[:2000]
         assert [t for t, _ in lines] == sorted(t for t, _ in lines), block[:2000]
         for _, what in lines:
-            assert re.fullmatch(r"SIGKILL p\d+: (cut short \w+\(.*\)|between operations)|tmux_kill\(.*\) by p\d+",
+            assert re.fullmatch(r"SIGKILL p\d+(: cut short \w+\(.*\)| between operations)|tmux_kill\(.*\) by p\d+",
                                 what), what
     assert re.search(r"SIGKILL p\d+: cut short (deploy|update|kill|reconcile)\(", text), text[-3000:]
     assert "replay: pytest " in text
