@@ -291,9 +291,11 @@ class CrashExploration:
         return {site.point for site in self.sites}
 
     def render(self) -> str:
-        lines = [f"{self.op} passes {len(self.sites)} crash points; a crash at {len(self.failures)} of them broke"
-                 " the registry" if self.failures else
-                 f"{self.op} passes {len(self.sites)} crash points; a crash at any of them left the registry whole"]
+        tried = "" if len(self.runs) == len(self.sites) else f", {len(self.runs)} of them tried"
+        lines = [f"{self.op} passes {len(self.sites)} crash points{tried}; a crash at {len(self.failures)} of them"
+                 " broke the registry" if self.failures else
+                 f"{self.op} passes {len(self.sites)} crash points{tried}; a crash at any of them left the registry"
+                 " whole"]
         for run in self.runs:
             verdict = "ok" if run.ok else "BROKEN"
             lines.append(f"  {run.site!s:<48} {verdict:<6} (exit {run.exitcode}; the {self.op} was applied"
@@ -374,7 +376,7 @@ def _same_finding(a: Any, b: Any) -> bool:
 
 def explore_crash_points(root: Path, op_name: str, setup: Setup, op: CrashOp, *, seed: int = 0,
                          writer: Writer | None = None, tolerate: Tolerate | None = None,
-                         timeout: float = 120.0) -> CrashExploration:
+                         where: Callable[[CrashSite], bool] | None = None, timeout: float = 120.0) -> CrashExploration:
     """Crash *op* at every crash point it passes, one fresh workspace and private tmux server a point.
 
     First *setup* (given a recorded Worker in the test process; it returns a context for *op*) builds a workspace
@@ -385,12 +387,13 @@ def explore_crash_points(root: Path, op_name: str, setup: Setup, op: CrashOp, *,
     at all, and ``check`` may find nothing new but what *tolerate* allows (such as the session of a crashed deploy).
 
     *writer*, when given, replaces ``JsonFile.write_bytes`` in the children: how to show that a naive protocol fails.
+    *where* picks the crash points to crash at (default: every one the operation passes).
     """
     root.mkdir(parents=True, exist_ok=True)
     sites, after_shape = _record_sites(root / "record", op_name, setup, op, seed=seed, writer=writer,
                                        timeout=timeout)
     runs = [_crash_run(root / f"crash-{site.index}", op_name, setup, op, site, after_shape, seed=seed, writer=writer,
-                       tolerate=tolerate, timeout=timeout) for site in sites]
+                       tolerate=tolerate, timeout=timeout) for site in sites if where is None or where(site)]
     return CrashExploration(op_name, tuple(sites), tuple(runs))
 
 
@@ -668,10 +671,11 @@ class Chaos:
     # -- crash points ----------------------------------------------------------------------------------------------
 
     def crash_points(self, root: Path, op_name: str, setup: Setup, op: CrashOp, *, writer: Writer | None = None,
-                     tolerate: Tolerate | None = None) -> CrashExploration:
+                     tolerate: Tolerate | None = None,
+                     where: Callable[[CrashSite], bool] | None = None) -> CrashExploration:
         """Crash *op* at every point of the reference write protocol it passes.  See :func:`explore_crash_points`."""
         return explore_crash_points(root, op_name, setup, op, seed=_leading_int(self.seed), writer=writer,
-                                    tolerate=tolerate)
+                                    tolerate=tolerate, where=where)
 
     # -- a lock holder that stalls ---------------------------------------------------------------------------------
 
