@@ -45,8 +45,11 @@ from .swarm import SwarmHandle, Worker
 from .tmux import QUIET_AGENT_COMMAND, private_server
 
 __all__ = [
+    "BROKEN_TMUX",
+    "CHECKS_WITHOUT_CONCURRENCY",
     "CORRUPTIONS",
     "CRASH_EXIT",
+    "STALL_POINTS",
     "Chaos",
     "ChaosError",
     "ChaosSpec",
