@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -49,6 +50,8 @@ class TmuxSessions:
         """*tmux_bin*: the tmux executable (default: ``tmux`` on PATH); chaos tests point it at a failing one."""
         if socket_path is None and socket_name is None:
             socket_name = os.environ.get("ORCH_TMUX_SOCKET") or None
+        self.socket_name = socket_name
+        self.socket_path = None if socket_path is None else Path(socket_path)
         self.server = libtmux.Server(socket_name=socket_name, socket_path=socket_path, tmux_bin=tmux_bin)
 
     def __repr__(self) -> str:
@@ -90,11 +93,32 @@ class TmuxSessions:
                 return {line for line in proc.stdout if line}
             stderr = " ".join(proc.stderr)
             if any(marker in stderr for marker in _NO_SERVER):
+                self._check_socket()
                 return set()
             if _EXITING not in stderr or attempt == _EXITING_RETRIES:
                 break
             time.sleep(0.02)
         raise SessionError(f"could not list tmux sessions (tmux exit {proc.returncode}): {stderr or 'no message'}")
+
+    def socket(self) -> Path:
+        """The socket this server listens on, resolved as tmux resolves it (``TMUX_TMPDIR``, the socket name)."""
+        if self.socket_path is not None:
+            return self.socket_path
+        directory = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.geteuid()}"
+        return directory / (self.socket_name or "default")
+
+    def _check_socket(self) -> None:
+        """"No server" is a fact only if the socket is absent or a socket; anything else there is a broken setup."""
+        path = self.socket()
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise SessionError(f"could not list tmux sessions: {path}: {exc.strerror or exc}") from exc
+        if not stat.S_ISSOCK(mode):
+            raise SessionError(f"could not list tmux sessions: {path} exists and is not a socket, so no tmux server"
+                               " can be listening there; nothing can be said about the sessions")
 
     def kill_server(self) -> None:
         self.server.kill()

@@ -166,3 +166,19 @@ def test_a_stub_agent_that_exits_without_a_word_becomes_a_zombie_that_reconcile_
     assert check(stub_base).zombies == [agent["id"]]
     assert reg.reconcile(task_id) == [agent["id"]]
     assert check(stub_base).healthy
+
+
+def test_a_socket_path_that_is_not_a_socket_is_a_failed_query_not_an_empty_server(tmux: TmuxSessions,
+                                                                                   tmp_path: Path) -> None:
+    regular = tmp_path / "not-a-socket"
+    regular.write_text("")
+    with pytest.raises(SessionError, match="is not a socket"):
+        TmuxSessions(socket_path=regular).alive()
+    assert TmuxSessions(socket_path=tmp_path / "absent").alive() == set()
+
+
+def test_the_socket_is_resolved_as_tmux_resolves_it(tmux: TmuxSessions, tmp_path: Path) -> None:
+    tmux.start("agent_where", "sleep 60")
+    socket = tmux_cli("display-message", "-p", "-t", "agent_where", "#{socket_path}").stdout.strip()
+    assert str(tmux.socket()) == socket
+    assert TmuxSessions(socket_name="other").socket().name == "other"
