@@ -170,25 +170,22 @@ def test_when_the_tmux_socket_path_is_broken_nothing_is_reaped_or_killed(orch_wo
     assert (after.zombies, after.leaks) == (zombies, leaks), after.render()
 
 
-REGISTRY_BUG_SOCKET = (
-    "REGISTRY BUG: TmuxSessions(socket_path=<a regular file>) makes tmux answer 'no server running' (connect() is"
-    " refused), which TmuxSessions.alive() takes as 'no sessions', so reconcile reaps every active agent although"
-    " nothing can be known about their sessions: the path cannot ever have been a tmux server. Fix: in alive(), treat"
-    " a socket path that exists but is not a socket (stat.S_ISSOCK false) as a failed query: raise SessionError")
-
-
-@pytest.mark.xfail(strict=True, reason=REGISTRY_BUG_SOCKET)
 def test_when_the_tmux_socket_path_is_a_regular_file_nothing_is_reaped(orch_workspace: Path, orch_chaos: Chaos,
                                                                        tmp_path: Path) -> None:
-    _w, _reg, task, _zombies, _leaks = _zombies_and_a_leak(orch_chaos, orch_workspace)
+    """tmux itself says "no server running" there; but a path that is no socket never was a server: no answer."""
+    _w, _reg, task, zombies, leaks = _zombies_and_a_leak(orch_chaos, orch_workspace)
+    before = _workspace_bytes(orch_workspace)
     regular_file = tmp_path / "not-a-socket"
     regular_file.write_text("")
     broken = TmuxSessions(socket_path=regular_file)
-    try:
-        reaped = Registry(orch_workspace, sessions=broken).reconcile(task)
-    except SessionError:
-        reaped = []
-    assert reaped == [], f"reconcile reaped {len(reaped)} agents on a tmux it could not ask"
+    orch_chaos.tape.fault("broken_tmux_socket", path=str(regular_file))
+    with pytest.raises(SessionError):
+        Registry(orch_workspace, sessions=broken).reconcile(task)
+    report = check(orch_workspace, sessions=broken)
+    assert [f.kind for f in report.findings] == ["tmux_unreachable"], report.render()
+    assert _workspace_bytes(orch_workspace) == before
+    after = check(orch_workspace)
+    assert (after.zombies, after.leaks) == (zombies, leaks), after.render()
 
 
 def test_legacy_reaps_every_agent_when_the_tmux_query_fails(orch_workspace: Path, orch_chaos: Chaos) -> None:
