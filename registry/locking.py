@@ -30,40 +30,42 @@ class LockBusy(TimeoutError):
 
 
 class FlockLock:
-    """Exclusive, non-reentrant, process-level lock on *path*.
+    """Exclusive, non-reentrant lock on *path*.
 
-    ``timeout``: ``< 0`` waits forever, ``0`` tries once, ``> 0`` waits that many seconds, then raises LockBusy.
+    Every acquisition opens a descriptor of its own, so threads sharing this object exclude each other as processes
+    do.  ``timeout``: ``< 0`` waits forever, ``0`` tries once, ``> 0`` waits that many seconds, then LockBusy.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._fd: int | None = None
+        self._held = threading.local()
 
     @property
     def is_locked(self) -> bool:
-        return self._fd is not None
+        """Whether the calling thread holds the lock."""
+        return getattr(self._held, "fd", None) is not None
 
     def acquire(self, timeout: float) -> None:
-        if self._fd is not None:
-            raise RuntimeError(f"{self.path} is already locked by this object")
+        if self.is_locked:
+            raise RuntimeError(f"{self.path} is already locked by this thread")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if lock_descriptor(fd, blocking=False):
-                self._fd = fd
+                self._held.fd = fd
                 return
             if timeout == 0:
                 raise LockBusy(self.path)
             if timeout < 0:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                self._fd = fd
+                self._held.fd = fd
                 return
         except BaseException:
             os.close(fd)
             raise
-        self._fd = _wait_in_thread(fd, timeout, self.path)
+        self._held.fd = _wait_in_thread(fd, timeout, self.path)
 
     def release(self) -> None:
-        fd, self._fd = self._fd, None
+        fd, self._held.fd = getattr(self._held, "fd", None), None
         if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_UN)

@@ -25,15 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import filelock
 import orjson
 
 from .errors import CorruptRegistry, LockTimeout, WriteFailed
+from .locking import FlockLock, LockBusy
 
 #: Seconds to wait for a lock when the caller does not say.  ``ORCH_LOCK_TIMEOUT`` overrides it.
 DEFAULT_LOCK_TIMEOUT = float(os.environ.get("ORCH_LOCK_TIMEOUT", "30"))
-#: How often a waiter retries a contended lock.  Short, because a registry write holds the lock for about 1 ms.
-LOCK_POLL_INTERVAL = float(os.environ.get("ORCH_LOCK_POLL", "0.0005"))
 
 #: Every point of the write protocol a crash hook is told about, in the order they are passed.
 CRASH_POINTS = (
@@ -137,10 +135,9 @@ class JsonFile:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.validate = validate
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
-        # Thread-local: threads sharing this object each take the flock on a descriptor of their own, so they
-        # exclude each other like processes do (a shared context would let a second thread in on the first's hold).
-        self._lock = filelock.FileLock(self.lock_path, thread_local=True, fallback_to_soft=False,
-                                       poll_interval=LOCK_POLL_INTERVAL)
+        # A blocking flock with a timeout (see registry.locking for why not filelock's polling).  Each acquisition
+        # has a descriptor of its own, so threads sharing this object exclude each other as processes do.
+        self._lock = FlockLock(self.lock_path)
 
     # -- locking ------------------------------------------------------------------------------------------------
 
@@ -153,7 +150,7 @@ class JsonFile:
         wait = self.lock_timeout if timeout is None else timeout
         try:
             self._lock.acquire(timeout=wait)
-        except filelock.Timeout as exc:
+        except LockBusy as exc:
             raise LockTimeout(
                 f"could not lock {self.path} within {wait:g} s: another process holds {self.lock_path}. Nothing was"
                 " written. A flock dies with its process, so this is a live holder: retry, or raise"
