@@ -20,7 +20,7 @@ from .errors import CorruptRegistry, SessionError
 from .model import Violation, is_active
 from .ops import Registry, now
 from .sessions import TmuxSessions
-from .store import JsonFile, backup_path, dumps, parse
+from .store import JsonFile, backup_path, dumps, parse, stale_temp_files
 
 __all__ = ["Finding", "HealthReport", "RepairReport", "check", "repair"]
 
@@ -189,10 +189,18 @@ def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthRe
         findings.append(Finding("tmux_unreachable", f"{exc}; zombies and leaks were not checked"))
     if alive is not None:
         findings += _session_findings(tasks, alive, _unreadable_sessions(glob, findings))
+    findings += [Finding("stale_temp", f"{path} was left by a writer (pid {path.name.split('.')[-3]}) that died"
+                                       " before its rename; the registry is whole, the file is litter",
+                         path=str(path)) for path in _stale_temps(reg)]
     agents = [a for t in tasks.values() for a in t["agents"]]
     return HealthReport(str(reg.base), len(tasks), len(agents), sum(1 for a in agents if is_active(a)),
                         None if alive is None else sum(1 for s in alive if s.startswith("agent_")),
                         tuple(findings))
+
+
+def _stale_temps(reg: Registry) -> list[Path]:
+    directories = [reg.base / t for t in reg.task_ids()] + [reg.global_file.path.parent]
+    return [path for d in directories if d.is_dir() for path in stale_temp_files(d)]
 
 
 def _backup(reg: Registry, files: list[JsonFile]) -> Path:
@@ -340,7 +348,12 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
                 else:
                     refused.append(f"leaked session {session} left running (pass --kill-leaks to kill it)")
 
+        litter = _stale_temps(reg)  # read under the locks: no live writer of ours is between temp and rename
+        if litter:
+            actions.append(f"removed {len(litter)} temp files left by writers that died mid-write")
         if not dry_run:
+            for path in litter:
+                path.unlink(missing_ok=True)
             for task_id in sorted(changed):
                 reg.task_file(task_id).write(tasks[task_id])
             if write_global:

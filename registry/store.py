@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -104,6 +105,25 @@ def parse(data: bytes, path: Path) -> Any:
         what = (f"it is empty (nothing at line {exc.lineno} column {exc.colno})" if not text.strip()
                 else f"{exc.msg} at line {exc.lineno} column {exc.colno}")
         raise corrupt(path, what, line=exc.lineno, column=exc.colno) from exc
+
+
+_TEMP = re.compile(r"\.(?P<name>.+?)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def stale_temp_files(directory: Path) -> list[Path]:
+    """Temp files in *directory* left by writers that died before their rename (their pid is gone)."""
+    stale = []
+    for path in sorted(directory.glob(".*.tmp")):
+        match = _TEMP.fullmatch(path.name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            stale.append(path)
+        except PermissionError:  # alive, someone else's
+            pass
+    return stale
 
 
 def backup_path(path: Path) -> Path:

@@ -16,7 +16,7 @@ import pytest
 from pytest_orch.chaos import STALL_POINTS, Chaos, ImpatientReference
 from pytest_orch.history import History
 from pytest_orch.swarm import Worker
-from registry import Registry
+from registry import Registry, check, repair
 
 
 @pytest.mark.parametrize("ending", ["finishes", "is SIGKILLed"])
@@ -72,24 +72,14 @@ def test_a_lock_holder_stalled_past_the_others_timeout_makes_them_fail_with_lock
                in faults
 
 
-REGISTRY_GAP_TEMP_FILES = (
-    "REGISTRY GAP: a writer that dies between creating its temp file and the rename (SIGKILL, a crash, the OOM"
-    " killer) leaves .<file>.<pid>.<hex>.tmp next to the registry for good: the store never looks at it again,"
-    " `orch-registry check` does not report it and `repair` does not remove it, so an incident's worth of kills"
-    " litters every task directory. Fix: repair (holding the locks) removes registry temp files whose pid is not"
-    " alive, and check reports them as `stale_temp`")
-
-
-@pytest.mark.xfail(strict=True, reason=REGISTRY_GAP_TEMP_FILES)
 def test_repair_removes_the_temp_file_of_a_writer_killed_mid_write(orch_workspace: Path, orch_registry: Any,
                                                                    orch_chaos: Chaos) -> None:
-    from registry import repair
-
     task = orch_registry.create_task("dead writer", max_agents=5, max_concurrent=5, max_depth=3)
     agent = orch_registry.deploy(task, "alpha")
     holder = orch_chaos.stall(orch_workspace, lambda w: w.registry.update(task, agent, "working", 10),
                               at="after_temp_write")
     assert holder.sigkill() == -9
     assert list(orch_workspace.rglob("*.tmp")), "the dead writer left no temp file"
+    assert [f.kind for f in check(orch_workspace).findings] == ["stale_temp"]
     repair(orch_workspace, dry_run=False)
     assert not list(orch_workspace.rglob("*.tmp")), "the dead writer's temp file outlived the repair"
