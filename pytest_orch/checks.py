@@ -143,7 +143,7 @@ AgentState = tuple[Any, Any, bool]  # status, progress, session alive
 def _agent_step(state: AgentState, call: Call) -> Applied[AgentState] | Refused:
     status, progress, alive = state
     op: Op = call.op
-    if op.name == "tmux_kill":
+    if op.name in ("tmux_kill", "tmux_server_sigkill"):
         return Applied((status, progress, False))
     if op.name == "reconcile":
         return Applied(("terminated", progress, alive) if status in ACTIVE and not alive else state)
@@ -180,7 +180,8 @@ def lost_updates(history: History, final: Final) -> list[Problem]:
             else:
                 continue  # an unknown deploy's agent: lost_inserts accounts for it
             session = agent.get("tmux_session") or f"agent_{agent_id}"
-            faults = [op for op in history.ops if op.name == "tmux_kill" and op.args.get("session") == session]
+            faults = [op for op in history.ops if (op.name == "tmux_kill" and op.args.get("session") == session)
+                      or op.name == "tmux_server_sigkill"]
             ops = by_agent.get(agent_id, [])
             if faults or any(op.name == "kill" for op in ops):
                 ops = ops + faults + reconciles
@@ -220,7 +221,8 @@ def lost_updates(history: History, final: Final) -> list[Problem]:
 
 def _terminators(history: History, task_id: str, agent_id: str, session: str) -> list[Op]:
     """Operations that may have made *agent_id* terminal."""
-    killed = any(op.name == "tmux_kill" and op.args.get("session") == session for op in history.ops)
+    killed = any((op.name == "tmux_kill" and op.args.get("session") == session) or op.name == "tmux_server_sigkill"
+                 for op in history.ops)
     out = []
     for op in history.calls:
         if not _maybe(op) or op.task_id != task_id:
@@ -381,10 +383,12 @@ class Report:
         h = self.history
         out = []
         for fault in [op for op in h.ops if op.fault][:limit]:
-            if fault.name == "sigkill":
-                victim = fault.args.get("process")
+            if fault.name in ("sigkill", "crash"):
+                victim = fault.args.get("process", fault.process)
                 hit = [op for op in h.ops if op.process == victim and op.complete_ns is None and not op.fault]
-                what = f"SIGKILL p{victim}" + (f": cut short {hit[0].describe()}" if hit else " between operations")
+                what = (f"SIGKILL p{victim}" if fault.name == "sigkill" else
+                        f"crash of p{victim} at {fault.args.get('point')} ({fault.args.get('file', 'a file')})")
+                what += f": cut short {hit[0].describe()}" if hit else " between operations"
             else:
                 who = "harness" if fault.process < 0 else f"p{fault.process}"
                 what = f"{fault.describe()} by {who}"

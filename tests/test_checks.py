@@ -31,10 +31,10 @@ class H:
     def __init__(self) -> None:
         self.ops: list[Op] = []
 
-    def op(self, process: int, name: str, start: int, end: int | None, outcome: str = "ok", result: Any = None,
+    def op(self, who: int, name: str, start: int, end: int | None, outcome: str = "ok", result: Any = None,
            fault: bool = False, **args: Any) -> Op:
         args.setdefault("task_id", T)
-        op = Op(process, len(self.ops), name, args, start * 1_000_000, None if end is None else end * 1_000_000,
+        op = Op(who, len(self.ops), name, args, start * 1_000_000, None if end is None else end * 1_000_000,
                 outcome, result, None if outcome == "ok" else "boom", fault)  # type: ignore[arg-type]
         self.ops.append(op)
         return op
@@ -343,3 +343,26 @@ def test_the_report_names_the_check_the_agents_a_timeline_the_seed_and_the_repla
     assert text.endswith("replay: pytest x --orch-seed=7")
     with pytest.raises(AssertionError, match="lost_update"):
         raise OrchViolation(report)
+
+
+def test_a_killed_tmux_server_takes_every_session_with_it() -> None:
+    h = H()
+    h.op(0, "deploy", 0, 1, result="a", type="a", parent="orchestrator")
+    h.op(-1, "tmux_server_sigkill", 2, 3, fault=True, pid=123)
+    h.op(1, "reconcile", 4, 5)
+    hist = h.history()
+    assert lost_updates(hist, final(task(agent("a", "terminated", 0)))) == []
+    assert [p.check for p in lost_updates(hist, final(task(agent("a", "running", 0))))] == ["lost_update"]
+
+
+def test_the_report_lists_each_fault_with_the_operation_it_cut_short() -> None:
+    h = H()
+    h.op(0, "deploy", 0, 1, result="a", type="a", parent="orchestrator")
+    h.op(1, "update", 2, None, "info", agent_id="a", status="working", progress=5)
+    h.op(1, "crash", 3, 3, fault=True, point="after_fsync", file="task")
+    h.op(-1, "sigkill", 4, 4, fault=True, process=0)
+    report = check_history(h.history(), final(task(agent("a", "working", 5))))
+    assert report.faults() == [
+        "       3.0 ms  crash of p1 at after_fsync (task): cut short update(agent_id=a, status=working, progress=5)",
+        "       4.0 ms  SIGKILL p0 between operations",
+    ]
