@@ -34,7 +34,7 @@ from .workloads import NullSessions, TimedSessions
 from .workspace import DEPLOY_TYPE, Workspace, build_task, write_workspace
 
 SIZES = (10, 100, 1_000, 10_000)
-ROUNDS = {10: 15, 100: 15, 1_000: 7, 10_000: 2}
+ROUNDS = {10: 15, 100: 15, 1_000: 11, 10_000: 2}
 IMPLS = ("legacy", "reference")
 
 

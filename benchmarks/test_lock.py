@@ -1,12 +1,12 @@
 """Item 2 of issue 6: lock acquire+release uncontended, and lock wait under contention (p50/p95/p99).
 
 Uncontended: a raw ``fcntl.flock`` pair on an open descriptor (what the kernel costs), the store's own lock
-(``JsonFile.locked()``: filelock, opening the sidecar each time), :class:`registry.locking.FlockLock`, and
-filelock at its defaults for comparison.
+(``JsonFile.locked()``, :class:`registry.locking.FlockLock` since fafdb09: open the sidecar, a non-blocking flock,
+close), the store's previous lock (``filelock.FileLock`` polling every 0.5 ms) and filelock at its defaults.
 
 Contended: 2, 4 and 10 processes run the same critical section, the store's read / change / durable write of a
 20 KB task registry, under the store's lock, under a blocking ``fcntl.flock`` (the baseline of the lock-wait target)
-and under ``registry.locking.FlockLock``.  Only the lock differs.  The wait percentiles are in extra_info and in the
+and under the store's previous filelock.  Only the lock differs.  The wait percentiles are in extra_info and in the
 summary printed at the end.
 """
 
@@ -21,13 +21,12 @@ from typing import Any
 import filelock
 import pytest
 
-from registry.locking import FlockLock
-from registry.store import LOCK_POLL_INTERVAL, JsonFile
+from registry.store import JsonFile
 
 from . import knobs
 from .conftest import gate, median_s
 from .workers import Workers
-from .workloads import LOCKS, store_rmw
+from .workloads import LOCKS, FileLockJsonFile, store_rmw
 from .workspace import Workspace, sample_task, with_active, write_workspace
 
 PROCS = (2, 4, 10)
@@ -58,12 +57,12 @@ def _store_lock(path: Path) -> Iterator[Callable[[], None]]:
     yield pair
 
 
-def _locking(path: Path) -> Iterator[Callable[[], None]]:
-    lock = FlockLock(str(path) + ".lock")
+def _filelock_store_before(path: Path) -> Iterator[Callable[[], None]]:
+    file = FileLockJsonFile(path)
 
     def pair() -> None:
-        lock.acquire(30.0)
-        lock.release()
+        with file.locked():
+            pass
         knobs.delay()
 
     yield pair
@@ -80,7 +79,13 @@ def _filelock_default(path: Path) -> Iterator[Callable[[], None]]:
     yield pair
 
 
-UNCONTENDED = {"raw-flock": _raw_flock, "store-lock": _store_lock, "registry.locking.FlockLock": _locking,
+def _store_lock_name(directory: Path) -> str:
+    """What the store locks with today (it changed from filelock to registry.locking.FlockLock)."""
+    lock = JsonFile(directory / "probe.json")._lock
+    return f"{type(lock).__module__}.{type(lock).__qualname__}"
+
+
+UNCONTENDED = {"raw-flock": _raw_flock, "store-lock": _store_lock, "filelock-0.5ms-poll": _filelock_store_before,
                "filelock-defaults": _filelock_default}
 
 
@@ -93,7 +98,7 @@ def test_lock_uncontended(benchmark: Any, record: Any, tmp_path: Path, lock: str
     benchmark(pair)
     next(make, None)
     record(bench="lock-uncontended", lock=lock, median_us=round(median_s(benchmark) * 1e6, 3),
-           store_poll_interval_s=LOCK_POLL_INTERVAL)
+           store_lock=_store_lock_name(tmp_path))
 
 
 @pytest.fixture
@@ -112,4 +117,4 @@ def test_lock_wait_under_contention(benchmark: Any, record: Any, sample_ws: Work
         benchmark.pedantic(pool.round, rounds=ROUNDS, iterations=1)
         summary = pool.summary(median_s(benchmark))
     record(bench="lock-contention", lock=lock, registry_bytes=len(sample_ws.task_bytes),
-           store_poll_interval_s=LOCK_POLL_INTERVAL, **summary)
+           store_lock=_store_lock_name(sample_ws.base), **summary)

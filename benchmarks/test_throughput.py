@@ -14,8 +14,8 @@ Workloads (see :mod:`benchmarks.workloads`):
 * ``flock-json-rmw``: baseline, blocking flock + ``json.dumps(indent=2)`` + durable replace.
 * ``sqlite-wal-full``: baseline, SQLite WAL ``synchronous=FULL``, one ``UPDATE`` per op.
 
-``test_update_throughput_alternatives`` measures ``reference-update`` with the store's knobs and with what-if store
-variants (benchmark-only subclasses; ``registry/`` is unchanged), as evidence for changes to the store.
+``test_update_throughput_alternatives`` measures ``reference-update`` with what-if store variants and with the store's
+previous lock (benchmark-only subclasses; ``registry/`` is unchanged), as evidence for changes to the store.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from registry import store
 
 from .conftest import gate, median_s
 from .workers import Factory, Workers
@@ -74,31 +72,26 @@ def test_throughput(benchmark: Any, record: Any, sample_ws: Workspace, tmp_path:
                     procs: int) -> None:
     benchmark.group = f"throughput, {procs} process{'es' if procs > 1 else ''} ({OPS_PER_ROUND} ops per round)"
     summary = _run(benchmark, sample_ws, _factory(workload, sample_ws, tmp_path), procs)
-    record(bench="throughput", workload=workload, registry_bytes=len(sample_ws.task_bytes),
-           store_poll_interval_s=store.LOCK_POLL_INTERVAL, **summary)
+    record(bench="throughput", workload=workload, registry_bytes=len(sample_ws.task_bytes), **summary)
 
 
 ALTERNATIVES: dict[str, dict[str, Any]] = {
-    "ORCH_LOCK_POLL=0.0001": {"poll": 0.0001},
-    "ORCH_LOCK_POLL=0.002": {"poll": 0.002},
-    "ORCH_LOCK_POLL=0.01": {"poll": 0.01},
+    "before: filelock 0.5 ms poll": {"variant": "filelock"},
     "what-if flock": {"variant": "flock"},
     "what-if no-bak": {"variant": "no-bak"},
     "what-if flock+no-bak": {"variant": "flock+no-bak"},
     "what-if link-bak": {"variant": "link-bak"},
     "what-if flock+link-bak": {"variant": "flock+link-bak"},
-    "what-if locking.FlockLock": {"variant": "locking.FlockLock"},
 }
 
 
 
 
-@pytest.mark.parametrize(("alternative", "procs"), [(alt, procs) for alt, options in ALTERNATIVES.items()
-                                                    for procs in (1, 10) if procs == 10 or "poll" not in options])
+@pytest.mark.parametrize("procs", [1, 10])
+@pytest.mark.parametrize("alternative", list(ALTERNATIVES))
 def test_update_throughput_alternatives(benchmark: Any, record: Any, sample_ws: Workspace, alternative: str,
                                         procs: int) -> None:
-    """reference-update with the lock poll interval changed (ORCH_LOCK_POLL; only matters under contention) or a
-    what-if store variant."""
+    """reference-update with a what-if store variant, or the store's previous lock (filelock)."""
     options = ALTERNATIVES[alternative]
     benchmark.group = f"reference-update alternatives, {procs} process{'es' if procs > 1 else ''}"
     summary = _run(benchmark, sample_ws, reference_update(sample_ws, **options), procs)

@@ -16,6 +16,7 @@ are data here.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import time
 import traceback
@@ -158,9 +159,11 @@ class Workers:
         t = self.totals
         ops = t.procs * t.ops_per_proc
         spans = sorted(t.spans)
-        span = spans[len(spans) // 2] if spans else float("nan")
+        span = spans[len(spans) // 2] if spans else math.nan
+        if median_round_s is None or math.isnan(median_round_s):  # benchmarks disabled: no round statistics
+            median_round_s = span
         info: dict[str, Any] = {"procs": t.procs, "ops_per_round": ops, "rounds": t.rounds,
-                                "ops_per_s": round(ops / (median_round_s or span), 1),
+                                "ops_per_s": round(ops / median_round_s, 1),
                                 "ops_per_s_span": round(ops / span, 1)}
         info.update(summary_ms(t.latencies_ns, "op"))
         if t.waits_ns:

@@ -9,10 +9,11 @@ Besides the reference and legacy registries there are three baselines, built her
 * ``flock_json_rmw``: blocking ``fcntl.flock``, ``json.loads``, ``json.dumps(indent=2)``, durable replace (temp
   file, fsync, rename, fsync of the directory): the hand-measured baseline of issue 6.
 * ``sqlite_wal``: one row per agent in SQLite, ``journal_mode=WAL``, ``synchronous=FULL``, ``BEGIN IMMEDIATE``.
-* *what-if* stores (:class:`FlockJsonFile`, :class:`NoBackupJsonFile`): subclasses of the reference's
-  :class:`registry.store.JsonFile` that change one thing (the lock policy, the ``.bak`` copy) so that a
-  recommendation for ``registry/store.py`` comes with its measured effect.  They are labelled "what-if" wherever
-  they are reported; the reference itself is always measured unmodified.
+* *what-if* stores (:class:`FlockJsonFile`, :class:`NoBackupJsonFile`, :class:`LinkBackupJsonFile`,
+  :class:`FileLockJsonFile`): subclasses of the reference's :class:`registry.store.JsonFile` that change one thing
+  (the lock policy, the ``.bak`` copy) so that a recommendation for ``registry/store.py`` comes with its measured
+  effect, and the store's previous lock (filelock) can be measured against the current one.  They are labelled
+  "what-if" (or "before") wherever they are reported; the reference itself is always measured unmodified.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from registry import Registry, store
+from registry import Registry
 from registry.legacy import LegacyRegistry
 from registry.sessions import TmuxSessions
 from registry.store import JsonFile
@@ -71,9 +72,10 @@ class TimedSessions(TmuxSessions):
 
 
 class FlockJsonFile(JsonFile):
-    """What-if: the reference store with a blocking ``fcntl.flock`` on a persistent descriptor instead of filelock.
+    """What-if: the reference store with a plain blocking ``fcntl.flock`` on a persistent descriptor.
 
-    It waits forever (no timeout), which the reference must not do; it is here to measure what the lock policy costs.
+    It waits forever (no timeout, no non-blocking first try, no waiter thread), which the reference must not do; it
+    is here to measure what the store's lock policy costs against the kernel's own queue.
     """
 
     def __init__(self, path: Path, **kwargs: Any) -> None:
@@ -132,31 +134,31 @@ class FlockLinkBackupJsonFile(FlockJsonFile, LinkBackupJsonFile):
     """What-if: a blocking flock and the hard-link backup."""
 
 
-class LockingJsonFile(JsonFile):
-    """What-if: the reference store locking with :class:`registry.locking.FlockLock` (blocking flock that honours a
-    timeout through a waiter thread), the lock ``registry/`` has written but not yet wired into the store."""
+class FileLockJsonFile(JsonFile):
+    """Before: the store's lock until fafdb09, ``filelock.FileLock`` polling every 0.5 ms (``poll`` seconds)."""
 
-    def __init__(self, path: Path, **kwargs: Any) -> None:
-        from registry.locking import FlockLock
+    def __init__(self, path: Path, *, poll: float = 0.0005, **kwargs: Any) -> None:
+        import filelock
 
         super().__init__(path, **kwargs)
-        self._flock = FlockLock(self.lock_path)
+        self._filelock = filelock.FileLock(self.lock_path, thread_local=True, fallback_to_soft=False,
+                                           poll_interval=poll)
         self.waits_ns: list[int] = []
 
     @contextlib.contextmanager
     def locked(self, timeout: float | None = None) -> Iterator[None]:
         t0 = clock()
-        self._flock.acquire(self.lock_timeout if timeout is None else timeout)
+        self._filelock.acquire(timeout=self.lock_timeout if timeout is None else timeout)
         self.waits_ns.append(clock() - t0)
         try:
             yield
         finally:
-            self._flock.release()
+            self._filelock.release()
 
 
 STORE_VARIANTS: dict[str, type[JsonFile]] = {
     "flock": FlockJsonFile, "no-bak": NoBackupJsonFile, "flock+no-bak": FlockNoBackupJsonFile,
-    "link-bak": LinkBackupJsonFile, "flock+link-bak": FlockLinkBackupJsonFile, "locking.FlockLock": LockingJsonFile,
+    "link-bak": LinkBackupJsonFile, "flock+link-bak": FlockLinkBackupJsonFile, "filelock": FileLockJsonFile,
 }
 
 
@@ -175,17 +177,15 @@ def _timed_acquire(file: JsonFile, sink: list[int]) -> None:
     lock.acquire = timed  # type: ignore[method-assign]
 
 
-def _reference(ws: Workspace, poll: float | None, variant: str | None) -> tuple[Registry, list[int]]:
-    """A Registry in this (forked) process, with the lock poll interval and store variant asked for."""
-    if poll is not None:  # what ORCH_LOCK_POLL does at import; the pool has forked, so set the module's value
-        store.LOCK_POLL_INTERVAL = poll
+def _reference(ws: Workspace, variant: str | None) -> tuple[Registry, list[int]]:
+    """A Registry in this (forked) process, with the store variant asked for (None: the store as shipped)."""
     reg = Registry(ws.base, sessions=NullSessions(), heal=False)
     if variant is not None:
         cls = STORE_VARIANTS[variant]
         reg._files[ws.task_id] = cls(ws.task_path, validate=reg.task_file(ws.task_id).validate)
         reg.global_file = cls(ws.global_path, validate=reg.global_file.validate)
     file = reg.task_file(ws.task_id)
-    if isinstance(file, FlockJsonFile | LockingJsonFile):
+    if isinstance(file, FlockJsonFile | FileLockJsonFile):
         return reg, file.waits_ns
     waits: list[int] = []
     _timed_acquire(file, waits)
@@ -196,12 +196,12 @@ def _last(waits: list[int]) -> int | None:
     return waits.pop() if waits else None
 
 
-def reference_update(ws: Workspace, *, poll: float | None = None, variant: str | None = None) -> Factory:
+def reference_update(ws: Workspace, *, variant: str | None = None) -> Factory:
     """Progress reports on distinct agents through ``Registry.update`` (the task registry only)."""
     active = ws.active_ids
 
     def factory(index: int) -> Op:
-        reg, waits = _reference(ws, poll, variant)
+        reg, waits = _reference(ws, variant)
         agent = active[index % len(active)]
 
         def op(seq: int) -> int | None:
@@ -214,7 +214,7 @@ def reference_update(ws: Workspace, *, poll: float | None = None, variant: str |
     return factory
 
 
-def reference_mixed(ws: Workspace, *, poll: float | None = None, variant: str | None = None) -> Factory:
+def reference_mixed(ws: Workspace, *, variant: str | None = None) -> Factory:
     """Per four operations: two progress reports, one status change (task and global registries), one status read.
 
     The status change toggles the worker's own agent between ``working`` and ``blocked``; the read is
@@ -223,7 +223,7 @@ def reference_mixed(ws: Workspace, *, poll: float | None = None, variant: str | 
     active = ws.active_ids
 
     def factory(index: int) -> Op:
-        reg, waits = _reference(ws, poll, variant)
+        reg, waits = _reference(ws, variant)
         agent = active[index % len(active)]
 
         def op(seq: int) -> int | None:
@@ -309,28 +309,23 @@ def flock_json_rmw(ws: Workspace) -> Factory:
     return factory
 
 
-LOCKS = ("store", "flock", "locking")
+LOCKS = ("store", "flock", "filelock")
 
 
-def store_rmw(ws: Workspace, lock: str, *, poll: float | None = None) -> Factory:
+def store_rmw(ws: Workspace, lock: str) -> Factory:
     """One critical section, different locks: the store's own read / change / durable write of the task registry,
-    under the store's lock (``store``: filelock at the store's poll interval, as shipped), a blocking
-    ``fcntl.flock`` on a persistent descriptor (``flock``, the baseline), or :class:`registry.locking.FlockLock`
-    (``locking``: the blocking flock with a timeout that registry/ has written but not wired in).
+    under the store's lock as shipped (``store``: :class:`registry.locking.FlockLock` since fafdb09), a blocking
+    ``fcntl.flock`` on a persistent descriptor (``flock``, the baseline of the lock-wait target), or the store's
+    previous lock (``filelock``: ``filelock.FileLock`` polling every 0.5 ms).
     """
     active = ws.active_ids
     if lock not in LOCKS:
         raise ValueError(f"lock must be one of {LOCKS}, not {lock!r}")
 
     def factory(index: int) -> Op:
-        from registry.locking import FlockLock
-
-        if poll is not None:
-            store.LOCK_POLL_INTERVAL = poll
-        file = JsonFile(ws.task_path)
+        file = FileLockJsonFile(ws.task_path) if lock == "filelock" else JsonFile(ws.task_path)
         agent = active[index % len(active)]
         lock_fd = os.open(file.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        flock_lock = FlockLock(file.lock_path)
 
         def change() -> None:
             doc = file.read()
@@ -354,17 +349,7 @@ def store_rmw(ws: Workspace, lock: str, *, poll: float | None = None) -> Factory
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
             return wait
 
-        def with_locking(seq: int) -> int | None:
-            t0 = clock()
-            flock_lock.acquire(30.0)
-            wait = clock() - t0
-            try:
-                change()
-            finally:
-                flock_lock.release()
-            return wait
-
-        return {"store": with_store, "flock": with_flock, "locking": with_locking}[lock]
+        return with_flock if lock == "flock" else with_store
 
     return factory
 
