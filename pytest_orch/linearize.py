@@ -10,6 +10,19 @@ that says what one call does to a state, and an ``accept`` test for the final st
 
 and ends in a state that ``accept`` takes.  States must be hashable: they key the memo that keeps the search
 polynomial in practice (the frontier of done calls times the distinct states seen).
+
+``step`` may also return several alternatives (a tuple or list of Applied and Refused): a model that does not
+determine the outcome (a rule the registry does not promise to enforce) says "either".  An ``ok`` call may take any
+Applied alternative, a ``fail`` call is explained by any Refused one, an ``info`` call by any of them or none.
+
+>>> inc = lambda n, call: Applied(n + 1)
+>>> calls = [Call(0, "inc", invoke=0, complete=10, outcome="ok"), Call(1, "inc", invoke=5, complete=15, outcome="ok")]
+>>> linearize(calls, 0, inc, lambda n: n == 2).ok
+True
+>>> linearize(calls, 0, inc, lambda n: n == 1).ok    # the lost update
+False
+>>> lost(calls, 0, inc, lambda n: n == 1)            # explained if either increment never happened
+[0, 1]
 """
 
 from __future__ import annotations
@@ -46,16 +59,28 @@ class Refused:
     reason: str = ""
 
 
-Step = Callable[[S, Call], "Applied[S] | Refused"]
+Effect = Applied[S] | Refused
+Step = Callable[[S, Call], "Applied[S] | Refused | Sequence[Applied[S] | Refused]"]
 
 
 @dataclass
 class Search(Generic[S]):
-    """What the search found: ``order`` is a witness (call ids, ``~id`` for an info call left out), or None."""
+    """What the search found: ``order`` is a witness, or None.
+
+    A witness lists call ids in order: ``3`` an ok call applied, ``!3`` a failed call (refused there), ``?3`` an
+    info call that took effect there, ``~3`` an info call that never took effect.  ``explored`` counts the distinct
+    (calls done, state) pairs expanded; ``final_states`` are up to ``keep_finals`` distinct end states that ``accept``
+    rejected, and ``final_orders[i]`` is the order that reached ``final_states[i]``.  ``final_state`` is the state the
+    witness ends in.  ``exhausted`` is True when the budget ran out before the search could answer: then the lack of a
+    witness says nothing about the history.
+    """
 
     order: list[str] | None
     explored: int = 0
     final_states: list[S] = field(default_factory=list)
+    final_orders: list[list[str]] = field(default_factory=list)
+    final_state: S | None = None
+    exhausted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -64,12 +89,15 @@ class Search(Generic[S]):
 
 def linearize(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable[[S], bool], *,
               strict_fail: bool = True, results_match: Callable[[Call, Any], bool] | None = None,
-              budget: int = 200_000, keep_finals: int = 8) -> Search[S]:
+              budget: int = 200_000, keep_finals: int = 8, prune: Callable[[S], bool] | None = None) -> Search[S]:
     """Search for a linearization of *calls*; see the module docstring.
 
     ``results_match(call, model_result)`` compares an ``ok`` call's observed result with the model's (default:
     accept any).  ``budget`` bounds the states explored; a search that runs out reports no witness.
+    ``prune(state)`` may say that no continuation from *state* can be accepted (it already contradicts what was
+    observed), which cuts the search short; it must never prune a state from which ``accept`` is reachable.
     ``final_states`` collects up to *keep_finals* distinct end states that ``accept`` rejected, for reports.
+    Raises whatever *step* or *accept* raise.
     """
     calls = list(calls)
     n = len(calls)
@@ -82,39 +110,57 @@ def linearize(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable
             if i != j and d.complete is not None and d.complete < c.invoke:
                 must_precede[i] |= 1 << j
     full = (1 << n) - 1
+    # Trying calls in invoke order finds the witness of a well-behaved history on the first path.
+    by_invoke = sorted(range(n), key=lambda i: (calls[i].invoke, i))
     order: list[str] = []
+
+    def alternatives(state: S, call: Call) -> list[Applied[S] | Refused]:
+        effect = step(state, call)
+        return [effect] if isinstance(effect, Applied | Refused) else list(effect)
 
     def dfs(done: int, state: S) -> bool:
         if done == full:
             if accept(state):
+                search.final_state = state
                 return True
             if state not in search.final_states and len(search.final_states) < keep_finals:
                 search.final_states.append(state)
+                search.final_orders.append(list(order))
             return False
         key = (done, state)
-        if key in seen or search.explored >= budget:
+        if key in seen:
+            return False
+        if prune is not None and prune(state):
+            seen.add(key)
+            return False
+        if search.explored >= budget:
+            search.exhausted = True
             return False
         seen.add(key)
         search.explored += 1
-        for i, c in enumerate(calls):
+        for i in by_invoke:
+            c = calls[i]
             bit = 1 << i
             if done & bit or must_precede[i] & ~done:
                 continue
-            effect = step(state, c)
+            effects = alternatives(state, c)
+            applied = [e for e in effects if isinstance(e, Applied)]
             if c.outcome == "ok":
-                if isinstance(effect, Applied) and (results_match is None or results_match(c, effect.result)):
+                for effect in applied:
+                    if results_match is not None and not results_match(c, effect.result):
+                        continue
                     order.append(str(c.id))
                     if dfs(done | bit, effect.state):
                         return True
                     order.pop()
             elif c.outcome == "fail":
-                if not strict_fail or isinstance(effect, Refused):
+                if not strict_fail or len(applied) < len(effects):
                     order.append(f"!{c.id}")
                     if dfs(done | bit, state):
                         return True
                     order.pop()
             else:  # info: it took effect here, or never
-                if isinstance(effect, Applied):
+                for effect in applied:
                     order.append(f"?{c.id}")
                     if dfs(done | bit, effect.state):
                         return True
@@ -128,3 +174,18 @@ def linearize(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable
     if dfs(0, initial):
         search.order = list(order)
     return search
+
+
+def lost(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable[[S], bool], **options: Any) -> list[Any]:
+    """Ids of the ``ok`` calls whose absence explains a history that has no linearization: the lost updates.
+
+    Each ``ok`` call is left out in turn (as if it had never run, its real-time constraints with it) and the search
+    repeated; the ids for which an order is then found are returned, in the order of *calls*.  Only worth asking
+    when :func:`linearize` found no witness.  *options* are passed on to :func:`linearize`.
+    """
+    calls = list(calls)
+    out = []
+    for i, call in enumerate(calls):
+        if call.outcome == "ok" and linearize(calls[:i] + calls[i + 1:], initial, step, accept, **options).ok:
+            out.append(call.id)
+    return out
