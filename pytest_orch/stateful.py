@@ -1,0 +1,1068 @@
+"""Hypothesis stateful testing of a registry: a pure model next to the real thing, and concurrent bursts checked for
+linearizability.
+
+:class:`RegistryMachine` drives a :class:`~pytest_orch.adapter.RegistryAdapter` (the one ``--orch-impl`` names) and
+:class:`Specification`, a pure model of what a registry must do, side by side.  Its rules create tasks, deploy agents
+(top-level, and as children of known agents drawn from the ``agents`` Bundle), update them to every status (the
+illegal transitions too, which must be refused), kill them, kill their tmux sessions behind the registry's back and
+reconcile.  The ``burst`` rule draws 2..N operations and runs them at the same instant in N worker processes
+(:mod:`pytest_orch.burst`); the outcome is accepted only if some order of the burst that respects real time and the
+ok/fail/info outcomes, applied to the model, leaves exactly the documents the registry holds
+(:func:`pytest_orch.linearize.linearize`).  After every step the documents must equal the model's prediction and
+every registry invariant must hold.
+
+A serial step is the special case of a burst of one, checked by the same code.
+
+Handles, not ids.  The registry picks agent and task ids at random, so the model names agents by *handles* (``a0``,
+``a1``...; tasks ``t0``...) given in the order the operations were drawn, and the machine keeps the handle -> id map.
+Every Bundle holds handles whose existence depends only on the drawn program, never on process timing (a refused
+deploy's handle stays in the Bundle and stands for an agent the registry does not know), so Hypothesis replays and
+shrinks a program the same way whatever the timing did.  Timing decides only outcomes.
+
+Flaky bursts.  A burst that fails is re-run :attr:`RegistryMachine.reruns` more times from the same starting point
+(the workspace and the tmux sessions are restored), and the report says how often it failed.  Once a failure has been
+seen (Hypothesis is then shrinking), a burst that passes is also re-run that many times before it counts as passing,
+so a shrunk burst that fails only sometimes is not thrown away.
+
+Subclass it to add rules, and run it with :func:`run_machine` (or ``MyMachine.TestCase``)::
+
+    class MyMachine(RegistryMachine):
+        @rule(task=RegistryMachine.tasks)
+        def reconcile_twice(self, task):
+            self.run_serial(Command("reconcile", task))
+            self.run_serial(Command("reconcile", task))
+
+    def test_my_registry():
+        run_machine(MyMachine)          # pytest --orch-impl=myorch.testing:adapter
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from hypothesis import HealthCheck, Phase, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from registry.model import ACTIVE, ORCHESTRATOR, STATUSES, global_violations, session_name, task_violations
+
+from . import options
+from .adapter import ALL_PROMISES, load_factory, promises_of
+from .burst import MAX_WORKERS, Op, Record, kill_session, shared_pool, timed
+from .linearize import Applied, Call, Refused, Search, linearize, lost
+from .tmux import QUIET_AGENT_COMMAND, private_server
+
+__all__ = ["AGENT_TYPES", "BurstFailure", "Command", "ModelMismatch", "RegistryMachine", "RegistryModel",
+           "Specification", "StepFailure", "machine_settings", "register_profiles", "run_machine", "select_profile"]
+
+#: Few types, so that deduplication has something to refuse.
+AGENT_TYPES = ("investigator", "builder", "fixer", "tester")
+#: Every status, active ones first (Hypothesis shrinks towards them), then one the registry must refuse.
+UPDATE_STATUSES = ("running", "working", "blocked", "completed", "terminated", "error", "failed", "paused")
+#: Operations a burst draws from, the ones Hypothesis shrinks towards first.
+BURST_KINDS = ("update", "deploy", "kill", "reconcile", "lose_session")
+#: Limits of the first task: generous, so that the simplest failing programs are races, not limits.
+FIRST_TASK_LIMITS = (20, 10, 4)
+#: Limits of further tasks: generous ones first (what Hypothesis shrinks towards), then small ones that bind.
+MAX_AGENTS = (20, 1, 2, 3, 5)
+MAX_CONCURRENT = (10, 1, 2, 3)
+MAX_DEPTH = (4, 1, 2, 3)
+KEEPALIVE_SESSION = "orch-keepalive"
+
+# --------------------------------------------------------------------------------------------------------------------
+# Settings profiles
+
+
+def register_profiles() -> None:
+    """Register the Hypothesis profiles ``dev`` (fast), ``ci`` (more, derandomized) and ``soak`` (long).
+
+    All three have no deadline: a registry step waits on locks and fsync, which no deadline should judge.  Call it at
+    import time (the plugin does); registering again is harmless.
+    """
+    quiet = [HealthCheck.too_slow]
+    # The explain phase re-runs the failing example under a line tracer: minutes for a search-heavy burst.
+    phases = [p for p in Phase if p is not Phase.explain]
+    settings.register_profile("dev", max_examples=10, stateful_step_count=10, deadline=None,
+                              suppress_health_check=quiet, phases=phases)
+    settings.register_profile("ci", max_examples=50, stateful_step_count=20, deadline=None, derandomize=True,
+                              print_blob=True, suppress_health_check=quiet, phases=phases)
+    settings.register_profile("soak", max_examples=500, stateful_step_count=40, deadline=None, print_blob=True,
+                              suppress_health_check=quiet, phases=phases)
+
+
+def select_profile(config: pytest.Config) -> str | None:
+    """Load ``ci`` when the ``CI`` environment variable is set and ``--hypothesis-profile`` was not given.
+
+    The plugin calls it from ``pytest_configure``.  Returns the profile it loaded, or None.
+    """
+    if config.getoption("hypothesis_profile", None):
+        return None
+    if os.environ.get("CI", "").strip().lower() in ("", "0", "false", "no"):
+        return None
+    register_profiles()
+    settings.load_profile("ci")
+    return "ci"
+
+
+def machine_settings() -> settings:
+    """The settings :func:`run_machine` uses: the loaded profile (``dev`` when none was chosen), with no deadline."""
+    register_profiles()
+    current = settings.get_current_profile_name()
+    base = settings.get_profile("dev") if current == "default" else settings()
+    phases = [p for p in base.phases if p is not Phase.explain]
+    return settings(base, deadline=None, suppress_health_check=list(HealthCheck), phases=phases)
+
+
+def run_machine(machine: type[RegistryMachine], *, settings: settings | None = None) -> None:
+    """Run *machine* as a Hypothesis test with :func:`machine_settings` (or *settings*)."""
+    machine._failure_seen = False
+    for key in [k for k in _verdicts if k[0] is machine]:
+        del _verdicts[key]
+    run_state_machine_as_test(machine, settings=settings or machine_settings())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class AgentModel:
+    """What the model knows of one agent.  ``parent`` is a handle or ``orchestrator``; ``session``: is it alive."""
+
+    handle: str
+    type: str
+    parent: str
+    depth: int
+    status: str = "running"
+    progress: int = 0
+    session: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+@dataclass(frozen=True)
+class TaskModel:
+    handle: str
+    max_agents: int
+    max_concurrent: int
+    max_depth: int
+    agents: tuple[AgentModel, ...] = ()
+
+    def agent(self, handle: str) -> AgentModel | None:
+        return next((a for a in self.agents if a.handle == handle), None)
+
+    def replace_agent(self, agent: AgentModel) -> TaskModel:
+        return replace(self, agents=tuple(agent if a.handle == agent.handle else a for a in self.agents))
+
+    @property
+    def counters(self) -> tuple[int, int, int]:
+        """total_spawned, active_count, completed_count."""
+        return (len(self.agents), sum(a.active for a in self.agents),
+                sum(a.status == "completed" for a in self.agents))
+
+
+@dataclass(frozen=True)
+class RegistryModel:
+    """The whole registry as the model sees it: hashable, so the linearizability search can memoize it."""
+
+    tasks: tuple[TaskModel, ...] = ()
+
+    def task(self, handle: str) -> TaskModel | None:
+        return next((t for t in self.tasks if t.handle == handle), None)
+
+    def replace_task(self, task: TaskModel) -> RegistryModel:
+        return replace(self, tasks=tuple(task if t.handle == task.handle else t for t in self.tasks))
+
+
+@dataclass(frozen=True)
+class Command:
+    """One operation in the model's terms (handles).  For a deploy, ``agent`` is the handle the new agent gets."""
+
+    kind: str
+    task: str
+    agent: str = ""
+    agent_type: str = ""
+    parent: str = ORCHESTRATOR
+    status: str = ""
+    progress: int = 0
+    limits: tuple[int, int, int] = (0, 0, 0)
+
+    def __str__(self) -> str:
+        if self.kind == "create_task":
+            return "create_task(max_agents={}, max_concurrent={}, max_depth={}) -> {}".format(*self.limits, self.task)
+        if self.kind == "deploy":
+            return f"deploy({self.task}, {self.agent_type!r}, parent={self.parent}) -> {self.agent}"
+        if self.kind == "update":
+            return f"update({self.agent}, {self.status!r}, progress={self.progress})"
+        if self.kind == "lose_session":
+            return f"tmux kill-session of {self.agent} (behind the registry's back)"
+        if self.kind == "kill":
+            return f"kill({self.agent})"
+        return f"{self.kind}({self.task})"
+
+
+Effect = Applied[RegistryModel] | Refused
+
+
+class Specification:
+    """What a registry must do, as a pure function of a :class:`RegistryModel` and a :class:`Command`.
+
+    The rules a registry does not promise (see :func:`~pytest_orch.adapter.promises_of`) are not enforced: where only
+    such a rule would refuse a deploy, the specification allows both outcomes.
+
+    >>> spec = Specification(frozenset())
+    >>> state = spec.apply(RegistryModel(), Command("create_task", "t0", limits=(1, 1, 1))).state
+    >>> spec.apply(state, Command("deploy", "t0", "a0", "builder"))           # doctest: +ELLIPSIS
+    Applied(state=RegistryModel(tasks=(TaskModel(handle='t0', ...
+    """
+
+    def __init__(self, promises: frozenset[str] = ALL_PROMISES) -> None:
+        self.promises = promises
+
+    def __call__(self, state: RegistryModel, call: Call) -> Effect | tuple[Effect, ...]:
+        return self.apply(state, call.op)
+
+    def apply(self, state: RegistryModel, cmd: Command) -> Effect | tuple[Effect, ...]:
+        if cmd.kind == "create_task":
+            if state.task(cmd.task) is not None:
+                return Refused(f"task {cmd.task} exists")
+            return Applied(replace(state, tasks=(*state.tasks, TaskModel(cmd.task, *cmd.limits))))
+        task = state.task(cmd.task)
+        if task is None:
+            return Refused(f"no task {cmd.task}")
+        if cmd.kind == "deploy":
+            return self._deploy(state, task, cmd)
+        if cmd.kind == "reconcile":
+            reaped = tuple(replace(a, status="terminated") if a.active and not a.session else a for a in task.agents)
+            return Applied(state.replace_task(replace(task, agents=reaped)))
+        agent = task.agent(cmd.agent)
+        if cmd.kind == "lose_session":
+            if agent is None:
+                return Applied(state)
+            return Applied(state.replace_task(task.replace_agent(replace(agent, session=False))))
+        if agent is None:
+            return Refused(f"{cmd.agent} is not an agent of {cmd.task}")
+        if cmd.kind == "update":
+            if cmd.status not in STATUSES:
+                return Refused(f"{cmd.status!r} is not a status")
+            if not agent.active:
+                return Refused(f"{cmd.agent} is {agent.status}")
+            return Applied(state.replace_task(task.replace_agent(replace(agent, status=cmd.status,
+                                                                         progress=cmd.progress))))
+        if cmd.kind == "kill":
+            if not agent.active:
+                return Refused(f"{cmd.agent} is {agent.status}")
+            return Applied(state.replace_task(task.replace_agent(replace(agent, status="terminated", session=False))))
+        raise ValueError(f"unknown command kind {cmd.kind!r}")
+
+    def _deploy(self, state: RegistryModel, task: TaskModel, cmd: Command) -> Effect | tuple[Effect, ...]:
+        if cmd.parent == ORCHESTRATOR:
+            depth = 1
+        else:
+            parent = task.agent(cmd.parent)
+            if parent is None:
+                return Refused(f"parent {cmd.parent} is not an agent of {cmd.task}")
+            depth = parent.depth + 1
+        total, active, _ = task.counters
+        broken = []
+        if any(a.active and a.type == cmd.agent_type for a in task.agents):
+            broken.append("unique_type")
+        if total >= task.max_agents:
+            broken.append("max_agents")
+        if active >= task.max_concurrent:
+            broken.append("max_concurrent")
+        if depth > task.max_depth:
+            broken.append("max_depth")
+        hard = [r for r in broken if r in self.promises]
+        if hard:
+            return Refused(", ".join(hard))
+        agent = AgentModel(cmd.agent, cmd.agent_type, cmd.parent, depth)
+        # Agents are kept in handle order, not deploy order, so that orders differing only in which concurrent
+        # deploy came first meet in the same state (the documents' order is not compared).
+        agents = tuple(sorted((*task.agents, agent), key=_handle_number))
+        applied = Applied(state.replace_task(replace(task, agents=agents)))
+        if broken:  # only rules the registry does not promise: it may refuse, or not
+            return applied, Refused(", ".join(broken) + " (not promised)")
+        return applied
+
+
+def _handle_number(agent: AgentModel) -> int:
+    return int(agent.handle[1:]) if agent.handle[1:].isdigit() else -1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the registry holds, and what the model predicts, in one comparable shape
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The documents (by real task id), the global document (None if the registry keeps none) and live sessions."""
+
+    tasks: Mapping[str, Mapping[str, Any]]
+    glob: Mapping[str, Any] | None
+    alive: frozenset[str]
+    #: Documents that could not be read or do not have the expected shape: task id (or "global") -> why.
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+
+def _session_of(agent: Mapping[str, Any]) -> str:
+    return str(agent.get("tmux_session") or session_name(str(agent.get("id"))))
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Real ids <-> handles.  Ids the machine does not know are shown as ``?``."""
+
+    task_handles: Mapping[str, str]  # task id -> handle
+    agent_handles: Mapping[str, str]  # agent id -> handle
+
+    def agent(self, agent_id: object) -> str:
+        if agent_id == ORCHESTRATOR:
+            return ORCHESTRATOR
+        return self.agent_handles.get(str(agent_id), "?")
+
+    def task(self, task_id: object) -> str:
+        return self.task_handles.get(str(task_id), "?")
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    progress: bool = True
+    sessions: bool = True
+    has_global: bool = True
+
+
+AgentRow = tuple[str, str, str, Any, str, int, str]  # handle, type, parent, depth, status, progress, session
+
+
+def _session_mark(active: bool, alive: bool, opts: ViewOptions) -> str:
+    if not (opts.sessions and active):
+        return "-"
+    return "alive" if alive else "gone"
+
+
+def observed_view(snap: Snapshot, naming: Naming, opts: ViewOptions) -> tuple[Any, ...]:
+    """The documents in the model's terms, as a comparable value (see :func:`model_view`).
+
+    A document that could not be read, or is not shaped as expected, appears as ``("unreadable", why)`` in place of
+    its limits, which no model state matches.
+    """
+    tasks = []
+    for task_id, doc in snap.tasks.items():
+        if task_id in snap.errors:
+            tasks.append((naming.task(task_id), ("unreadable", snap.errors[task_id]), None, (), None))
+            continue
+        try:
+            tasks.append(_task_view(task_id, doc, snap, naming, opts))
+        except Exception as exc:
+            tasks.append((naming.task(task_id), ("unreadable", f"{type(exc).__name__}: {exc}"), None, (), None))
+    glob: Any = None
+    if "global" in snap.errors:
+        glob = ("unreadable", snap.errors["global"])
+    elif opts.has_global and snap.glob is not None:
+        try:
+            glob = _global_view(snap.glob, naming)
+        except Exception as exc:
+            glob = ("unreadable", f"{type(exc).__name__}: {exc}")
+    return tuple(sorted(tasks, key=repr)), glob
+
+
+def _task_view(task_id: str, doc: Mapping[str, Any], snap: Snapshot, naming: Naming,
+               opts: ViewOptions) -> tuple[Any, ...]:
+    rows: list[AgentRow] = []
+    for a in doc.get("agents", []):
+        status = str(a.get("status"))
+        rows.append((naming.agent(a.get("id")), str(a.get("type")), naming.agent(a.get("parent", ORCHESTRATOR)),
+                     a.get("depth"), status, int(a.get("progress", 0) or 0) if opts.progress else -1,
+                     _session_mark(status in ACTIVE, _session_of(a) in snap.alive, opts)))
+    hierarchy = doc.get("agent_hierarchy")
+    pairs = None if not isinstance(hierarchy, dict) else tuple(sorted(
+        (naming.agent(p), naming.agent(c)) for p, cs in hierarchy.items() for c in (cs or [])))
+    return (naming.task(task_id), (doc.get("max_agents"), doc.get("max_concurrent"), doc.get("max_depth")),
+            (doc.get("total_spawned"), doc.get("active_count"), doc.get("completed_count")),
+            tuple(sorted(rows, key=repr)), pairs)
+
+
+def _global_view(g: Mapping[str, Any], naming: Naming) -> tuple[Any, ...]:
+    gagents = tuple(sorted(((naming.agent(aid), naming.task(a.get("task_id")), str(a.get("type")),
+                             naming.agent(a.get("parent", ORCHESTRATOR)), str(a.get("status")))
+                            for aid, a in (g.get("agents") or {}).items()), key=repr))
+    return (tuple(sorted(naming.task(t) for t in (g.get("tasks") or {}))), gagents,
+            (g.get("total_tasks"), g.get("total_agents_spawned"), g.get("active_agents")))
+
+
+def model_view(state: RegistryModel, known: frozenset[str] | set[str], opts: ViewOptions) -> tuple[Any, ...]:
+    """What the model predicts the documents hold.  Agents whose handle has no known id yet appear as ``?``."""
+
+    def key(handle: str) -> str:
+        return handle if handle == ORCHESTRATOR or handle in known else "?"
+
+    tasks = []
+    for t in state.tasks:
+        rows = tuple(sorted(((key(a.handle), a.type, key(a.parent), a.depth, a.status,
+                              a.progress if opts.progress else -1, _session_mark(a.active, a.session, opts))
+                             for a in t.agents), key=repr))
+        pairs = tuple(sorted((key(a.parent), key(a.handle)) for a in t.agents))
+        tasks.append((t.handle, (t.max_agents, t.max_concurrent, t.max_depth), t.counters, rows, pairs))
+    glob = None
+    if opts.has_global:
+        gagents = tuple(sorted(((key(a.handle), t.handle, a.type, key(a.parent), a.status)
+                                for t in state.tasks for a in t.agents), key=repr))
+        totals = (len(state.tasks), sum(len(t.agents) for t in state.tasks),
+                  sum(a.active for t in state.tasks for a in t.agents))
+        glob = (tuple(sorted(t.handle for t in state.tasks)), gagents, totals)
+    return tuple(sorted(tasks, key=repr)), glob
+
+
+def pruner(observed: tuple[Any, ...], known: frozenset[str], opts: ViewOptions, parts: tuple[int, ...] = (0, 1)) -> Any:
+    """A ``prune`` for :func:`~pytest_orch.linearize.linearize`: True for a state no continuation can turn into
+    *observed* (its *parts*: 0 the task documents, 1 the global one).  Agents never disappear; their type, parent
+    and depth never change; a terminal agent never changes.
+    """
+    rows: dict[tuple[str, str], AgentRow] = {}
+    if 0 in parts:
+        for task in observed[0]:
+            if task[1] and task[1][0] == "unreadable":
+                return lambda state: True
+            rows.update({(task[0], row[0]): row for row in task[3] if row[0] != "?"})
+    grows: dict[str, tuple[str, ...]] = {}
+    if 1 in parts and observed[1] is not None:
+        if observed[1][0] == "unreadable":
+            return lambda state: True
+        grows = {row[0]: row for row in observed[1][1] if row[0] != "?"}
+
+    def parent_key(a: AgentModel) -> str:
+        return a.parent if a.parent in known or a.parent == ORCHESTRATOR else "?"
+
+    def prune(state: RegistryModel) -> bool:
+        for t in state.tasks:
+            for a in t.agents:
+                if a.handle not in known:
+                    continue
+                if 0 in parts:
+                    row = rows.get((t.handle, a.handle))
+                    if row is None or row[1:4] != (a.type, parent_key(a), a.depth):
+                        return True
+                    if not a.active and row[4:6] != (a.status, a.progress if opts.progress else -1):
+                        return True
+                if grows:
+                    grow = grows.get(a.handle)
+                    if grow is None or grow[1:4] != (t.handle, a.type, parent_key(a)):
+                        return True
+                    if not a.active and grow[4] != a.status:
+                        return True
+        return False
+
+    return prune
+
+
+def _fmt_row(row: AgentRow) -> str:
+    handle, type_, parent, depth, status, progress, session = row
+    bits = [f"{handle} {type_} {status}", f"parent {parent}", f"depth {depth}"]
+    if progress != -1:
+        bits.append(f"progress {progress}")
+    if session != "-":
+        bits.append(f"session {session}")
+    return ", ".join(bits)
+
+
+def diff_views(want: tuple[Any, ...], have: tuple[Any, ...]) -> list[str]:
+    """Readable differences between the model's view (*want*) and the documents' (*have*)."""
+    out = []
+    want_tasks = {t[0]: t for t in want[0]}
+    have_tasks = {t[0]: t for t in have[0]}
+    for handle in sorted(set(want_tasks) | set(have_tasks)):
+        w, h = want_tasks.get(handle), have_tasks.get(handle)
+        if w is None or h is None:
+            out.append(f"task {handle}: {'missing from the documents' if h is None else 'not in the model'}")
+            continue
+        if h[1] and h[1][0] == "unreadable":
+            out.append(f"task {handle}: the document could not be read: {h[1][1]}")
+            continue
+        for label, i in (("limits (max_agents, max_concurrent, max_depth)", 1),
+                         ("counters (total_spawned, active_count, completed_count)", 2)):
+            if w[i] != h[i]:
+                out.append(f"task {handle} {label}: model {w[i]}, documents {h[i]}")
+        w_rows, h_rows = list(w[3]), list(h[3])
+        for row in list(w_rows):
+            if row in h_rows:
+                w_rows.remove(row)
+                h_rows.remove(row)
+        h_by = {r[0]: r for r in h_rows if r[0] != "?"}
+        for row in w_rows:
+            other = h_by.pop(row[0], None) if row[0] != "?" else None
+            if other is not None:
+                h_rows.remove(other)
+                out.append(f"task {handle} agent: model {_fmt_row(row)}; documents {_fmt_row(other)}")
+            else:
+                out.append(f"task {handle} agent missing from the documents: {_fmt_row(row)}")
+        out.extend(f"task {handle} agent the model does not expect: {_fmt_row(r)}" for r in h_rows)
+        if h[4] is not None and w[4] != h[4]:
+            missing = sorted(set(w[4]) - set(h[4]))
+            extra = sorted(set(h[4]) - set(w[4]))
+            out.append(f"task {handle} agent_hierarchy (parent, child): missing {missing}, unexpected {extra}")
+    if have[1] is not None and have[1][0] == "unreadable":
+        out.append(f"global: the document could not be read: {have[1][1]}")
+    elif want[1] is not None and have[1] is not None and want[1] != have[1]:
+        (wt, wa, wn), (ht, ha, hn) = want[1], have[1]
+        if wt != ht:
+            out.append(f"global tasks: model {list(wt)}, documents {list(ht)}")
+        for row in sorted(set(wa) - set(ha), key=repr):
+            out.append(f"global agent missing or different: model has {row}")
+        for row in sorted(set(ha) - set(wa), key=repr):
+            out.append(f"global agent the model does not expect: {row}")
+        if wn != hn:
+            out.append(f"global totals (total_tasks, total_agents_spawned, active_agents): model {wn}, documents {hn}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Failures
+
+
+class ModelMismatch(AssertionError):
+    """The registry's documents are not what the model predicts, or a registry invariant is broken."""
+
+
+class StepFailure(ModelMismatch):
+    """One operation, run alone, did something the model does not allow."""
+
+
+class BurstFailure(ModelMismatch):
+    """A burst's outcome has no linearization: no order of its operations explains it."""
+
+
+@dataclass
+class _Memo:
+    """The verdict on one check of one program, fixed at its first run, and how often it failed since."""
+
+    failure: type[ModelMismatch] | None
+    report: str = ""
+    runs: int = 0
+    failures: int = 0
+
+    def exception(self) -> ModelMismatch:
+        assert self.failure is not None
+        return self.failure(self.report.replace("{RUNS}", f"it failed in {self.failures} of {self.runs} runs"))
+
+
+#: (machine class, impl, program, check) -> its verdict; see RegistryMachine.check.
+_verdicts: dict[tuple[Any, ...], _Memo] = {}
+
+
+@dataclass
+class _Verdict:
+    """One run of a burst (or of a serial step) and what the checker made of it."""
+
+    commands: Sequence[Command]
+    records: Sequence[Record]
+    snapshot: Snapshot
+    observed: tuple[Any, ...]
+    search: Search[RegistryModel]
+    ids: dict[str, str]  # handle -> id, including this run's ok deploys
+    report: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.search.ok
+
+
+@dataclass
+class _Checked:
+    """What running a check showed: the failure of its first failing run, if any, and the run counts."""
+
+    failure: ModelMismatch | None = None
+    runs: int = 1
+    failures: int = 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The machine
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _alive_sessions() -> frozenset[str]:
+    proc = subprocess.run(["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        if "no server running" in proc.stderr or "No such file" in proc.stderr or "error connecting" in proc.stderr:
+            return frozenset()
+        raise OSError(f"tmux list-sessions failed: {proc.stderr.strip()}")
+    return frozenset(line for line in proc.stdout.splitlines() if line)
+
+
+def _start_session(name: str) -> None:
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, QUIET_AGENT_COMMAND], check=True, capture_output=True)
+
+
+class RegistryMachine(RuleBasedStateMachine):
+    """The registry (``--orch-impl``) and :class:`Specification` side by side; see the module docstring.
+
+    Class attributes users may override: ``impl`` (default: the ``--orch-impl`` option), ``reruns`` (extra runs
+    of a burst that fails, or that passes once a failure was seen), ``compare_progress`` and ``check_sessions``
+    (whether progress and the liveness of active agents' tmux sessions are part of what must match), ``max_tasks``.
+
+    Verdicts are fixed per program.  Process timing is the one thing Hypothesis does not control, and it must see
+    the same program behave the same way each time it runs it (while shrinking, and in the final replay).  So the
+    first run of a check (a step, a burst, an invariant) at a given point of a given program fixes its verdict for
+    the rest of the test: a later run that fails where the first passed goes quiet (the example stops checking),
+    and one that passes where the first failed reports the first failure, with how often it failed in all.  After
+    the first failure an example stops running operations and only draws its remaining steps; :meth:`teardown`
+    raises that failure.
+    """
+
+    tasks = Bundle("tasks")
+    agents = Bundle("agents")
+
+    impl: ClassVar[str | None] = None
+    reruns: ClassVar[int] = 3
+    compare_progress: ClassVar[bool] = True
+    check_sessions: ClassVar[bool] = True
+    max_tasks: ClassVar[int] = 3
+    #: Set when a check failed in this run: from then on passing bursts are re-run before they count as passing.
+    _failure_seen: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        opts = options.current()
+        self.impl_spec = type(self).impl or opts.impl
+        self.timeout = opts.timeout
+        self.burst_max = max(2, min(opts.concurrency, MAX_WORKERS))
+        self._stack = contextlib.ExitStack()
+        try:
+            self.root = Path(tempfile.mkdtemp(prefix="orch-hyp-"))
+            self._stack.callback(shutil.rmtree, self.root, ignore_errors=True)
+            self.workspace = self.root / "ws"
+            self.workspace.mkdir()
+            self._stack.enter_context(_environ(ORCH_AGENT_COMMAND=QUIET_AGENT_COMMAND))
+            self._stack.enter_context(private_server(self.root / "tmux"))
+            _start_session(KEEPALIVE_SESSION)  # a running server: concurrent first sessions need not race to start it
+            self.generation = 0
+            self.adapter = load_factory(self.impl_spec)(self.workspace)
+        except BaseException:
+            self._stack.close()
+            raise
+        self.promises = promises_of(self.adapter)
+        self.spec = Specification(self.promises)
+        self.state = RegistryModel()
+        self.ids: dict[str, str] = {}  # handle -> real id, for tasks and agents
+        self.handles: dict[str, list[str]] = {}  # task handle -> every deploy handle drawn for it, in order
+        self.task_of: dict[str, str] = {}  # agent handle -> task handle
+        self.program: list[Any] = []  # every command run so far in this example: what Hypothesis replays
+        self.failure: ModelMismatch | None = None
+        self.live = True  # False once the example stops running operations (see the class docstring)
+        self._agent_numbers = itertools.count()
+        self._task_numbers = itertools.count()
+
+    def teardown(self) -> None:
+        """Stop the private tmux server, remove the workspace, and raise the example's failure, if any."""
+        self._stack.close()
+        if self.failure is not None:
+            raise self.failure
+
+    # -- verdicts -------------------------------------------------------------------------------------------------
+
+    def check(self, label: str, run: Any) -> None:
+        """Run the check *run* (``run(memo) -> _Checked``) at this point of the program, with a fixed verdict.
+
+        *memo* is the verdict fixed earlier for this point, or None.  See the class docstring.
+        """
+        if self.failure is not None:
+            return
+        key = (type(self), self.impl_spec, tuple(self.program), label)
+        memo = _verdicts.get(key)
+        if not self.live:
+            if memo is not None and memo.failure is not None:
+                self.failure = memo.exception()
+            return
+        checked: _Checked = run(memo)
+        if memo is None:
+            memo = _verdicts[key] = _Memo(None if checked.failure is None else type(checked.failure),
+                                          str(checked.failure or ""))
+        memo.runs += checked.runs
+        memo.failures += checked.failures
+        if memo.failure is not None:
+            type(self)._failure_seen = True
+            self.failure = memo.exception()
+            self.live = False
+        elif checked.failure is not None:
+            self.live = False  # it passed here before: stay quiet, or the replay would not match
+
+    # -- running operations ---------------------------------------------------------------------------------------
+
+    @property
+    def view_options(self) -> ViewOptions:
+        return ViewOptions(self.compare_progress, self.check_sessions, has_global=True)
+
+    def _new_agent(self, task: str) -> str:
+        handle = f"a{next(self._agent_numbers)}"
+        self.handles.setdefault(task, []).append(handle)
+        self.task_of[handle] = task
+        return handle
+
+    def _agent_id(self, handle: str) -> str:
+        # A handle whose deploy was refused stands for an id the registry has never seen.
+        return self.ids.get(handle, f"nobody-{handle}")
+
+    def _op(self, cmd: Command, docs: Mapping[str, Mapping[str, Any]]) -> Op:
+        if cmd.kind == "create_task":
+            return Op("create_task", "", limits=cmd.limits)
+        task_id = self.ids.get(cmd.task, f"nobody-{cmd.task}")
+        if cmd.kind == "deploy":
+            parent = cmd.parent if cmd.parent == ORCHESTRATOR else self._agent_id(cmd.parent)
+            return Op("deploy", task_id, agent_type=cmd.agent_type, parent=parent)
+        agent_id = self._agent_id(cmd.agent) if cmd.agent else ""
+        if cmd.kind == "lose_session":
+            agent = next((a for a in docs.get(task_id, {}).get("agents", []) if a.get("id") == agent_id), None)
+            return Op("lose_session", task_id, agent_id, session=_session_of(agent) if agent else "")
+        return Op(cmd.kind, task_id, agent_id, status=cmd.status, progress=cmd.progress)  # type: ignore[arg-type]
+
+    def snapshot(self, ids: Mapping[str, str] | None = None) -> Snapshot:
+        """Read the document of every task in *ids* (default: the known ones), the global one and the live sessions."""
+        ids = self.ids if ids is None else ids
+        tasks: dict[str, Mapping[str, Any]] = {}
+        errors: dict[str, str] = {}
+        for handle, task_id in ids.items():
+            if handle.startswith("t"):
+                try:
+                    tasks[task_id] = self.adapter.read_task(task_id)
+                except Exception as exc:  # a torn or corrupt registry is a finding, not a crash of the machine
+                    tasks[task_id], errors[task_id] = {}, f"{type(exc).__name__}: {exc}"
+        try:
+            glob = self.adapter.read_global()
+        except Exception as exc:
+            glob, errors["global"] = None, f"{type(exc).__name__}: {exc}"
+        return Snapshot(tasks, glob, _alive_sessions(), errors)
+
+    def _naming(self, ids: Mapping[str, str]) -> Naming:
+        tasks = {i: h for h, i in ids.items() if h.startswith("t")}
+        agents = {i: h for h, i in ids.items() if h.startswith("a")}
+        return Naming(tasks, agents)
+
+    def _judge(self, commands: Sequence[Command], records: Sequence[Record]) -> _Verdict:
+        ids = dict(self.ids)
+        for cmd, rec in zip(commands, records, strict=True):
+            if cmd.kind == "deploy" and rec.outcome == "ok":
+                ids[cmd.agent] = str(rec.result)
+            elif cmd.kind == "create_task" and rec.outcome == "ok":
+                ids[cmd.task] = str(rec.result)
+        snap = self.snapshot(ids)
+        opts = replace(self.view_options, has_global=snap.glob is not None or "global" in snap.errors)
+        observed = observed_view(snap, self._naming(ids), opts)
+        known = frozenset(ids)
+        calls = [Call(i, cmd, rec.invoke, rec.complete, rec.outcome, rec.result)
+                 for i, (cmd, rec) in enumerate(zip(commands, records, strict=True))]
+        search = linearize(calls, self.state, self.spec, lambda s: model_view(s, known, opts) == observed,
+                           prune=pruner(observed, known, opts))
+        verdict = _Verdict(commands, records, snap, observed, search, ids)
+        if not search.ok:
+            verdict.report = self._report(verdict, calls, opts)
+        return verdict
+
+    def _adopt(self, verdict: _Verdict) -> None:
+        """Make the accepted final state the model's, and learn the ids of agents whose deploy was ``info``."""
+        assert verdict.search.final_state is not None
+        state = verdict.search.final_state
+        ids = dict(verdict.ids)
+        naming = self._naming(ids)
+        for t in state.tasks:
+            doc = verdict.snapshot.tasks.get(ids.get(t.handle, ""), {})
+            unknown = [a for a in doc.get("agents", []) if naming.agent(a.get("id")) == "?"]
+            for agent in t.agents:
+                if agent.handle in ids:
+                    continue
+                match = next((a for a in unknown if a.get("type") == agent.type and a.get("depth") == agent.depth
+                              and a.get("status") == agent.status and naming.agent(a.get("parent")) == agent.parent),
+                             None)
+                if match is not None:
+                    unknown.remove(match)
+                    ids[agent.handle] = str(match["id"])
+        self.state, self.ids = state, ids
+
+    def run_serial(self, cmd: Command) -> None:
+        """Run one operation in this process and check it against the model, as a burst of one."""
+        self.program.append(cmd)
+
+        def run(memo: _Memo | None) -> _Checked:
+            docs = self.snapshot().tasks if cmd.kind == "lose_session" else {}
+            verdict = self._judge([cmd], [timed(self.adapter, self._op(cmd, docs), 0)])
+            if not verdict.ok:
+                return _Checked(StepFailure(verdict.report), 1, 1)
+            self._adopt(verdict)
+            return _Checked()
+
+        self.check("step", run)
+
+    def run_burst(self, commands: Sequence[Command]) -> None:
+        """Run *commands* at the same time in the worker pool and check that some order of them explains the outcome.
+
+        A burst that fails is re-run :attr:`reruns` more times from the same start (the workspace and the tmux
+        sessions restored), to count how often it fails; once a failure has been seen in this test (Hypothesis is
+        shrinking), a new burst that passes is re-run as often before it counts as passing.
+        """
+        self.program.append(tuple(commands))
+
+        def run(memo: _Memo | None) -> _Checked:
+            pool = shared_pool(self.burst_max)
+            save = self.root / "save"
+            shutil.rmtree(save, ignore_errors=True)
+            shutil.copytree(self.workspace, save)
+            alive_before = _alive_sessions()
+            docs = self.snapshot().tasks
+            ops = [self._op(cmd, docs) for cmd in commands]
+            note("burst: " + "; ".join(f"#{i} {cmd} [{op}]" for i, (cmd, op) in enumerate(zip(commands, ops,
+                                                                                                strict=True))))
+            hunting = memo is None and type(self)._failure_seen
+            runs: list[_Verdict] = []
+            for attempt in range(1 + self.reruns):
+                if attempt:
+                    self._restore(save, alive_before)
+                records = pool.run(self.impl_spec, self.workspace, ops, generation=self.generation,
+                                   timeout=self.timeout)
+                runs.append(self._judge(commands, records))
+                if runs[-1].ok and not hunting and all(v.ok for v in runs):
+                    break
+            failures = [v for v in runs if not v.ok]
+            if runs[-1].ok:
+                self._adopt(runs[-1])
+            return _Checked(BurstFailure(failures[0].report) if failures else None, len(runs), len(failures))
+
+        self.check("burst", run)
+
+    def _restore(self, save: Path, alive: frozenset[str]) -> None:
+        """Put the workspace and the tmux sessions back as they were before the burst."""
+        shutil.rmtree(self.workspace)
+        shutil.copytree(save, self.workspace)
+        now = _alive_sessions()
+        for name in now - alive:
+            kill_session(name)
+        for name in alive - now:
+            _start_session(name)
+        self.generation += 1
+        self.adapter = load_factory(self.impl_spec)(self.workspace)
+
+    # -- reports --------------------------------------------------------------------------------------------------
+
+    def _report(self, verdict: _Verdict, calls: Sequence[Call], opts: ViewOptions) -> str:
+        search, records, commands = verdict.search, verdict.records, verdict.commands
+        burst = len(commands) > 1
+        t0 = min(r.invoke for r in records)
+
+        def ms(ns: int | None) -> str:
+            return "   never" if ns is None else f"{(ns - t0) / 1e6:8.3f}"
+
+        lines = []
+        if burst:
+            lines.append(f"A burst of {len(commands)} operations on task {commands[0].task} is not linearizable: no"
+                         f" order of them explains what the registry holds ({{RUNS}}; impl {self.impl_spec}).")
+        else:
+            lines.append(f"{commands[0]} did what the model does not allow (impl {self.impl_spec}).")
+        lines += ["", "Operations (ms from the first invoke; outcome; result or error):"]
+        for i, (cmd, rec) in enumerate(zip(commands, records, strict=True)):
+            detail = rec.result if rec.outcome == "ok" and rec.result is not None else rec.error
+            lines.append(f"  #{i}  {ms(rec.invoke)} .. {ms(rec.complete)}  {rec.outcome:<4}  {cmd}"
+                         + (f"  -> {detail}" if detail else ""))
+        known = frozenset(verdict.ids)
+        if burst:
+            for part, label in ((0, "the task registry"), (1, "the global registry")):
+                def explains(s: RegistryModel, part: int = part) -> bool:
+                    return bool(model_view(s, known, opts)[part] == verdict.observed[part])
+
+                cut = pruner(verdict.observed, known, opts, (part,))
+                if linearize(calls, self.state, self.spec, explains, prune=cut).ok:
+                    continue  # this document alone is explained by the whole burst
+                gone = lost(calls, self.state, self.spec, explains, prune=cut)
+                if gone:
+                    who = " or ".join(f"#{i}" for i in gone)
+                    lines += ["", f"Lost update in {label}: it is exactly what the burst leaves if {who} never ran,"
+                                  " yet that operation returned ok: an acknowledged write was overwritten by a writer"
+                                  " that had not seen it."]
+        lines += ["", "The model before:"]
+        lines += [f"  {line}" for line in self._describe(self.state, self.ids)] or ["  (empty)"]
+        lines += ["", "Final documents:"]
+        for task_id, doc in verdict.snapshot.tasks.items():
+            lines.append(f"  task {self._naming(verdict.ids).task(task_id)} = {task_id}:")
+            lines += [f"    {line}" for line in _json(doc).splitlines()]
+        if verdict.snapshot.glob is not None:
+            lines.append("  global:")
+            lines += [f"    {line}" for line in _json(verdict.snapshot.glob).splitlines()]
+        lines.append(f"  live tmux sessions: {sorted(verdict.snapshot.alive - {KEEPALIVE_SESSION})}")
+        lines += ["", f"Orders tried: {search.explored} states explored"
+                      + (" (the search budget ran out: inconclusive)" if search.exhausted else "")
+                      + f"; {len(search.final_states)} complete order(s) end in a state that differs:"]
+        for order, final in zip(search.final_orders, search.final_states, strict=True):
+            diffs = diff_views(model_view(final, known, opts), verdict.observed)
+            lines.append(f"  {_fmt_order(order)}:")
+            lines += [f"      {d}" for d in diffs[:6]] + (["      ..."] if len(diffs) > 6 else [])
+        if not search.final_states:
+            lines.append("  none: in every order some ok operation is one the model refuses there, or a failed one"
+                         " the model would have applied:")
+            for i, (cmd, rec) in enumerate(zip(commands, records, strict=True)):
+                alone = self.spec.apply(self.state, cmd)
+                effects = alone if isinstance(alone, tuple) else (alone,)
+                verdicts = "; ".join("applies" if isinstance(e, Applied) else f"refuses ({e.reason})" for e in effects)
+                lines.append(f"      #{i} {rec.outcome}: from the state before, the model {verdicts}")
+        lines += ["", "Legend: #i applied, !#i refused there, ?#i info applied there, ~#i info never applied;"
+                      " '?' in a row is an agent id the machine does not know."]
+        return "\n".join(lines)
+
+    def _describe(self, state: RegistryModel, ids: Mapping[str, str]) -> list[str]:
+        out = []
+        for t in state.tasks:
+            out.append(f"task {t.handle} = {ids.get(t.handle)}: max_agents {t.max_agents}, max_concurrent"
+                       f" {t.max_concurrent}, max_depth {t.max_depth}")
+            out += [f"  {a.handle} = {ids.get(a.handle, '?')}: {a.type} {a.status}, parent {a.parent}, depth"
+                    f" {a.depth}, progress {a.progress}, session {'alive' if a.session else 'gone'}"
+                    for a in t.agents]
+        return out
+
+    # -- rules ----------------------------------------------------------------------------------------------------
+
+    def _create_task(self, max_agents: int, max_concurrent: int, max_depth: int) -> str:
+        handle = f"t{next(self._task_numbers)}"
+        self.handles[handle] = []
+        self.run_serial(Command("create_task", handle, limits=(max_agents, max_concurrent, max_depth)))
+        return handle
+
+    @initialize(target=tasks)
+    def first_task(self) -> str:
+        return self._create_task(*FIRST_TASK_LIMITS)
+
+    @precondition(lambda self: len(self.state.tasks) < self.max_tasks)
+    @rule(target=tasks, max_agents=st.sampled_from(MAX_AGENTS), max_concurrent=st.sampled_from(MAX_CONCURRENT),
+          max_depth=st.sampled_from(MAX_DEPTH))
+    def create_task(self, max_agents: int, max_concurrent: int, max_depth: int) -> str:
+        return self._create_task(max_agents, max_concurrent, max_depth)
+
+    @rule(target=agents, task=tasks, agent_type=st.sampled_from(AGENT_TYPES))
+    def deploy(self, task: str, agent_type: str) -> str:
+        handle = self._new_agent(task)
+        self.run_serial(Command("deploy", task, handle, agent_type))
+        return handle
+
+    @rule(target=agents, parent=agents, agent_type=st.sampled_from(AGENT_TYPES))
+    def deploy_child(self, parent: str, agent_type: str) -> str:
+        task = self.task_of[parent]
+        handle = self._new_agent(task)
+        self.run_serial(Command("deploy", task, handle, agent_type, parent=parent))
+        return handle
+
+    @rule(agent=agents, status=st.sampled_from(UPDATE_STATUSES), progress=st.integers(0, 100))
+    def update(self, agent: str, status: str, progress: int) -> None:
+        self.run_serial(Command("update", self.task_of[agent], agent, status=status, progress=progress))
+
+    @rule(agent=agents)
+    def kill(self, agent: str) -> None:
+        self.run_serial(Command("kill", self.task_of[agent], agent))
+
+    @rule(agent=agents)
+    def lose_session_then_reconcile(self, agent: str) -> None:
+        task = self.task_of[agent]
+        self.run_serial(Command("lose_session", task, agent))
+        self.run_serial(Command("reconcile", task))
+
+    @rule(task=tasks)
+    def reconcile(self, task: str) -> None:
+        self.run_serial(Command("reconcile", task))
+
+    @rule(target=agents, task=tasks, data=st.data())
+    def burst(self, task: str, data: st.DataObject) -> Any:
+        size = data.draw(st.integers(2, self.burst_max), label="burst size")
+        known = list(self.handles[task])  # drawn handles only: the same program whatever the timing did
+        commands = []
+        for i in range(size):
+            kind = data.draw(st.sampled_from(BURST_KINDS if known else ("deploy", "reconcile")), label=f"op {i}")
+            if kind == "deploy":
+                agent_type = data.draw(st.sampled_from(AGENT_TYPES), label=f"op {i} type")
+                parent = data.draw(st.sampled_from([ORCHESTRATOR, *known]), label=f"op {i} parent")
+                commands.append(Command("deploy", task, "", agent_type, parent=parent))
+            elif kind == "reconcile":
+                commands.append(Command("reconcile", task))
+            else:
+                agent = data.draw(st.sampled_from(known), label=f"op {i} agent")
+                if kind == "update":
+                    status = data.draw(st.sampled_from(UPDATE_STATUSES), label=f"op {i} status")
+                    progress = data.draw(st.integers(0, 100), label=f"op {i} progress")
+                    commands.append(Command("update", task, agent, status=status, progress=progress))
+                else:
+                    commands.append(Command(kind, task, agent))
+        commands = [replace(c, agent=self._new_agent(task)) if c.kind == "deploy" else c for c in commands]
+        self.run_burst(commands)
+        return multiple(*(c.agent for c in commands if c.kind == "deploy"))
+
+    # -- invariants -----------------------------------------------------------------------------------------------
+
+    @invariant()
+    def documents_match_the_model(self) -> None:
+        def run(memo: _Memo | None) -> _Checked:
+            snap = self.snapshot()
+            opts = replace(self.view_options, has_global=snap.glob is not None or "global" in snap.errors)
+            want = model_view(self.state, frozenset(self.ids), opts)
+            have = observed_view(snap, self._naming(self.ids), opts)
+            if want == have:
+                return _Checked()
+            return _Checked(ModelMismatch("the documents changed after the step was checked:\n  "
+                                          + "\n  ".join(diff_views(want, have))), 1, 1)
+
+        self.check("documents", run)
+
+    @invariant()
+    def registry_invariants_hold(self) -> None:
+        def run(memo: _Memo | None) -> _Checked:
+            snap = self.snapshot()
+            if snap.errors:
+                return _Checked()  # documents_match_the_model reports those
+            unpromised = ALL_PROMISES - self.promises
+            problems = [v for doc in snap.tasks.values() for v in task_violations(doc) if v.rule not in unpromised]
+            if snap.glob is not None:
+                problems += global_violations(snap.glob, snap.tasks)
+            if not problems:
+                return _Checked()
+            return _Checked(ModelMismatch("registry invariants are broken:\n  "
+                                          + "\n  ".join(str(p) for p in problems)), 1, 1)
+
+        self.check("invariants", run)
+
+
+def _fmt_order(order: Sequence[str]) -> str:
+    return " ".join(f"{o[0]}#{o[1:]}" if o[0] in "!?~" else f"#{o}" for o in order) or "(empty)"
+
+
+def _json(doc: Any, limit: int = 6000) -> str:
+    text = json.dumps(doc, indent=1, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[:limit] + f"\n... ({len(text) - limit} more characters)"
