@@ -82,9 +82,9 @@ ALTERNATIVES: dict[str, dict[str, Any]] = {
     "what-if flock+no-bak": {"variant": "flock+no-bak"},
     "what-if link-bak": {"variant": "link-bak"},
     "what-if flock+link-bak": {"variant": "flock+link-bak"},
+    "what-if itimer": {"variant": "itimer"},
+    "what-if itimer+link-bak": {"variant": "itimer+link-bak"},
 }
-
-
 
 
 @pytest.mark.parametrize("procs", [1, 10])

@@ -94,6 +94,71 @@ class FlockJsonFile(JsonFile):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
+class _AlarmFired(BaseException):
+    """Raised by the SIGALRM handler to cut a blocking flock short (BaseException: nothing in between catches it)."""
+
+
+class ItimerJsonFile(JsonFile):
+    """What-if: a blocking ``flock`` in the calling thread, its timeout kept by ``setitimer`` (main thread only).
+
+    A non-blocking try first; when the lock is busy, the main thread blocks in ``flock(LOCK_EX)`` itself (the
+    kernel wakes it at release, no hand-off) under an interval timer whose SIGALRM handler raises.  If the alarm
+    races a successful ``flock``, a non-blocking probe on our own descriptor says whether we hold the lock.  Other
+    threads fall back to the store's own lock.  SIGALRM is process-wide, hence "what-if": it would clash with
+    pytest-timeout's signal method.
+    """
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._armed = False
+        self.waits_ns: list[int] = []
+
+    def _on_alarm(self, signum: int, frame: Any) -> None:
+        if self._armed:
+            raise _AlarmFired
+
+    def _acquire(self, timeout: float) -> None:
+        import signal
+        import threading
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if timeout == 0:
+                raise TimeoutError(self.lock_path) from None
+        if threading.current_thread() is not threading.main_thread() or timeout < 0:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # what-if simplification: other threads and "forever" just block
+            return
+        old = signal.signal(signal.SIGALRM, self._on_alarm)
+        try:
+            try:
+                self._armed = True
+                signal.setitimer(signal.ITIMER_REAL, timeout)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                self._armed = False
+        except _AlarmFired:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TimeoutError(self.lock_path) from None
+        finally:
+            signal.signal(signal.SIGALRM, old)
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        t0 = clock()
+        self._acquire(self.lock_timeout if timeout is None else timeout)
+        self.waits_ns.append(clock() - t0)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
 class NoBackupJsonFile(JsonFile):
     """What-if: the reference store without the ``.bak`` copy it makes of every write (``JsonFile._write_backup``)."""
 
@@ -134,6 +199,10 @@ class FlockLinkBackupJsonFile(FlockJsonFile, LinkBackupJsonFile):
     """What-if: a blocking flock and the hard-link backup."""
 
 
+class ItimerLinkBackupJsonFile(ItimerJsonFile, LinkBackupJsonFile):
+    """What-if: the itimer-bounded blocking flock and the hard-link backup."""
+
+
 class FileLockJsonFile(JsonFile):
     """Before: the store's lock until fafdb09, ``filelock.FileLock`` polling every 0.5 ms (``poll`` seconds)."""
 
@@ -159,6 +228,7 @@ class FileLockJsonFile(JsonFile):
 STORE_VARIANTS: dict[str, type[JsonFile]] = {
     "flock": FlockJsonFile, "no-bak": NoBackupJsonFile, "flock+no-bak": FlockNoBackupJsonFile,
     "link-bak": LinkBackupJsonFile, "flock+link-bak": FlockLinkBackupJsonFile, "filelock": FileLockJsonFile,
+    "itimer": ItimerJsonFile, "itimer+link-bak": ItimerLinkBackupJsonFile,
 }
 
 
@@ -185,7 +255,7 @@ def _reference(ws: Workspace, variant: str | None) -> tuple[Registry, list[int]]
         reg._files[ws.task_id] = cls(ws.task_path, validate=reg.task_file(ws.task_id).validate)
         reg.global_file = cls(ws.global_path, validate=reg.global_file.validate)
     file = reg.task_file(ws.task_id)
-    if isinstance(file, FlockJsonFile | FileLockJsonFile):
+    if isinstance(file, FlockJsonFile | FileLockJsonFile | ItimerJsonFile):
         return reg, file.waits_ns
     waits: list[int] = []
     _timed_acquire(file, waits)
