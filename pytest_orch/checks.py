@@ -154,6 +154,13 @@ def _agent_step(state: AgentState, call: Call) -> Applied[AgentState] | Refused:
     return Applied((op.args["status"], op.args["progress"], alive))  # update
 
 
+def _takes_session(op: Op, session: str, born_ns: int) -> bool:
+    """Whether fault *op* may have killed *session*, of an agent whose deploy began at *born_ns*."""
+    if op.name == "tmux_server_sigkill":  # every session the server had: not those of agents deployed after it
+        return op.complete_ns is None or op.complete_ns > born_ns
+    return op.name == "tmux_kill" and op.args.get("session") == session
+
+
 def _ends_in(want: tuple[Any, Any]) -> Callable[[AgentState], bool]:
     return lambda state: (state[0], state[1]) == want
 
@@ -180,8 +187,8 @@ def lost_updates(history: History, final: Final) -> list[Problem]:
             else:
                 continue  # an unknown deploy's agent: lost_inserts accounts for it
             session = agent.get("tmux_session") or f"agent_{agent_id}"
-            faults = [op for op in history.ops if (op.name == "tmux_kill" and op.args.get("session") == session)
-                      or op.name == "tmux_server_sigkill"]
+            born_ns = born[agent_id].invoke_ns if agent_id in born else history.start_ns
+            faults = [op for op in history.ops if _takes_session(op, session, born_ns)]
             ops = by_agent.get(agent_id, [])
             if faults or any(op.name == "kill" for op in ops):
                 ops = ops + faults + reconciles
@@ -221,8 +228,9 @@ def lost_updates(history: History, final: Final) -> list[Problem]:
 
 def _terminators(history: History, task_id: str, agent_id: str, session: str) -> list[Op]:
     """Operations that may have made *agent_id* terminal."""
-    killed = any((op.name == "tmux_kill" and op.args.get("session") == session) or op.name == "tmux_server_sigkill"
-                 for op in history.ops)
+    born = next((op.invoke_ns for op in history.calls if op.name == "deploy" and op.outcome == "ok"
+                 and op.result == agent_id), history.start_ns)
+    killed = any(_takes_session(op, session, born) for op in history.ops)
     out = []
     for op in history.calls:
         if not _maybe(op) or op.task_id != task_id:

@@ -366,3 +366,13 @@ def test_the_report_lists_each_fault_with_the_operation_it_cut_short() -> None:
         "       3.0 ms  crash of p1 at after_fsync (task): cut short update(agent_id=a, status=working, progress=5)",
         "       4.0 ms  SIGKILL p0 between operations",
     ]
+
+
+def test_a_tmux_server_killed_before_an_agent_was_deployed_did_not_take_its_session() -> None:
+    h = H()
+    h.op(-1, "tmux_server_sigkill", 0, 1, fault=True, pid=123)
+    h.op(0, "deploy", 2, 3, result="a", type="a", parent="orchestrator")
+    h.op(1, "reconcile", 4, 5)
+    hist = h.history()
+    assert lost_updates(hist, final(task(agent("a", "running", 0)))) == []
+    assert [p.check for p in lost_updates(hist, final(task(agent("a", "terminated", 0))))] == ["lost_update"]
