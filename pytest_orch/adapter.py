@@ -103,12 +103,12 @@ class _RegistryAdapter:
 
 
 class ReferenceAdapter(_RegistryAdapter):
-    """The reference registry (:mod:`registry`)."""
+    """The reference registry (:mod:`registry`); *options* go to :class:`registry.Registry` (heal, lock_timeout)."""
 
-    def __init__(self, workspace: Path) -> None:
+    def __init__(self, workspace: Path, **options: Any) -> None:
         from registry import Registry
 
-        self.reg = Registry(workspace)
+        self.reg = Registry(workspace, **options)
 
 
 class LegacyAdapter(_RegistryAdapter):

@@ -484,7 +484,7 @@ def _crash_run(directory: Path, op_name: str, setup: Setup, op: CrashOp, site: C
             reader: Any = ReferenceAdapter(base)  # a process started after the crash: it heals what it may
         except Exception as exc:
             problems.append(f"opening the registry after the crash failed: {type(exc).__name__}: {exc}")
-            reader = _UnhealedReader(base)
+            reader = ReferenceAdapter(base, heal=False)  # the files as they lie on disk
         after = _Snapshot(base)
         final = read_final(reader, [*after.tasks, *(t for t in after.errors if t != "global")])
         report = check_history(tape.history(), final, checks=CHECKS_WITHOUT_CONCURRENCY)
@@ -513,23 +513,6 @@ def _crash_run(directory: Path, op_name: str, setup: Setup, op: CrashOp, site: C
     return CrashRun(site, exitcode, applied, tuple(problems), report)
 
 
-class _UnhealedReader:
-    """Reads a workspace as it lies on disk, for when opening it the normal way fails."""
-
-    def __init__(self, base: Path) -> None:
-        from registry import Registry
-
-        self.reg = Registry(base, heal=False)
-
-    def read_task(self, task_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = self.reg.read_task(task_id)
-        return doc
-
-    def read_global(self) -> dict[str, Any]:
-        doc: dict[str, Any] = self.reg.read_global()
-        return doc
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # A lock holder that stalls, and an adapter that will not wait long for a lock
 
@@ -538,9 +521,7 @@ class ImpatientReference(ReferenceAdapter):
     """The reference registry with a short lock timeout, so that a stalled holder makes it fail with LockTimeout."""
 
     def __init__(self, workspace: Path, lock_timeout: float = 0.2) -> None:
-        from registry import Registry
-
-        self.reg = Registry(workspace, lock_timeout=lock_timeout)
+        super().__init__(workspace, lock_timeout=lock_timeout)
 
 
 class StalledHolder:
