@@ -6,9 +6,12 @@ locks the same inode), read, let the caller change the document, and replace the
     temp file in the same directory -> write -> flush -> fsync -> os.replace -> fsync(directory)
 
 Readers open the path and so see either the old file or the new one, never a torn one.  After the replace, the new
-bytes are also copied (temp file + replace, not fsynced) to ``<file>.bak``, the backup that :mod:`registry.health`
-restores from: the last content this store committed, never an uncommitted one.  (A copy of the *previous* content
-would lose the last committed change on restore: an agent registered since would become a leaked session.)
+bytes are also copied to ``<file>.bak``, the backup that :mod:`registry.health` restores from: the last content this
+store committed, never an uncommitted one.  (A copy of the *previous* content would lose the last committed change on
+restore: an agent registered since would become a leaked session.)  The copy overwrites the backup in place, neither
+fsynced nor renamed: a rename or a truncation to zero makes ext4 flush the file at once, which cost a third of every
+write.  A crash mid-copy can tear the backup; restore parses a backup before trusting it.  A hard link would cost
+nothing, but an in-place writer (the legacy code) would then tear the backup along with the registry.
 
 Chaos tests need to stop a process at precise points of this protocol; :func:`set_crash_hook` installs a callable
 that is told each point as it is passed.  Unused, a point costs one test of a module global.
@@ -245,15 +248,16 @@ class JsonFile:
         self._write_backup(data)
 
     def _write_backup(self, data: bytes) -> None:
-        """Copy the committed bytes to ``<file>.bak``: best effort, so a failure here fails nothing."""
-        tmp = self.path.parent / f".{self.path.name}.bak.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            tmp.replace(backup_path(self.path))
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        """Copy the committed bytes over ``<file>.bak``: best effort, so a failure here fails nothing."""
+        with contextlib.suppress(OSError):
+            fd = os.open(backup_path(self.path), os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
 
     @contextlib.contextmanager
     def transaction(self, timeout: float | None = None,
