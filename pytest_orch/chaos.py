@@ -113,8 +113,9 @@ def random_sigkills(seed: str, kills: int, *, first_after: float = 0.05, spread:
                     keep_alive: int = 1, stop: Path | None = None) -> Callable[[SwarmHandle], None]:
     """A ``during`` callback that SIGKILLs up to *kills* random workers at random moments, seeded by *seed*.
 
-    Kills come *first_after* to *first_after* + *spread* seconds apart; at least *keep_alive* workers are spared so
-    the swarm still does work.  Each kill is recorded as a fault operation.  With *stop*, the file is created once
+    Kills come *first_after* to *first_after* + *spread* seconds apart, each aimed, if it can be within 50 ms, at a
+    worker in the middle of an operation (a kill between operations tests little); at least *keep_alive* workers
+    are spared so the swarm still does work.  Each kill is recorded as a fault operation.  With *stop*, the file is created once
     the kills are done (or given up), so a workload that runs until it exists is sure to be hit while working.
     """
     rng = random.Random(f"chaos:{seed}")
@@ -127,7 +128,10 @@ def random_sigkills(seed: str, kills: int, *, first_after: float = 0.05, spread:
                 alive = handle.alive()
                 if len(alive) <= keep_alive:
                     return
-                handle.sigkill(rng.choice(alive))
+                deadline = time.monotonic() + 0.05
+                while not (busy := handle.in_flight()) and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+                handle.sigkill(rng.choice(busy or alive))
                 time.sleep(0)  # let the recorder's lines reach the file in order
         finally:
             if stop is not None:

@@ -153,14 +153,29 @@ def _worker_main(process: int, factory_spec: str, workspace: Path, workload: Wor
 class SwarmHandle:
     """Given to a ``during`` callback, which runs in a thread of the test process while the swarm runs."""
 
-    def __init__(self, processes: list[Any], start_ns: int, recorder: Recorder) -> None:
+    def __init__(self, processes: list[Any], start_ns: int, recorder: Recorder, run_dir: Path) -> None:
         self.processes = processes
         self.start_ns = start_ns
         self.recorder = recorder
+        self.run_dir = run_dir
         self.done = threading.Event()
 
     def alive(self) -> list[int]:
         return [i for i, p in enumerate(self.processes) if p.is_alive()]
+
+    def in_flight(self) -> list[int]:
+        """Live workers in the middle of an operation: their history file ends with an invocation."""
+        busy = []
+        for i in self.alive():
+            try:
+                with open(self.run_dir / f"worker-{i}.jsonl", "rb") as fh:
+                    fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+                    last = fh.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+            except OSError:
+                continue
+            if last and b'"outcome"' not in last:
+                busy.append(i)
+        return busy
 
     def sigkill(self, process: int) -> None:
         """SIGKILL worker *process* (and its process group), recorded as a fault."""
@@ -202,7 +217,7 @@ def run_swarm(factory_spec: str, workspace: Path, workload: Workload, *, concurr
                 p.join(5)
             raise SwarmError(_errors(run_dir) or "the workers did not all reach the start barrier") from None
         start_ns = time.monotonic_ns()
-        handle = SwarmHandle(processes, start_ns, harness)
+        handle = SwarmHandle(processes, start_ns, harness, run_dir)
         thread = None
         if during is not None:
             thread = threading.Thread(target=during, args=(handle,), name="orch-during", daemon=True)
