@@ -115,8 +115,9 @@ def random_sigkills(seed: str, kills: int, *, first_after: float = 0.05, spread:
 
     Kills come *first_after* to *first_after* + *spread* seconds apart, each aimed, if it can be within 50 ms, at a
     worker in the middle of an operation (a kill between operations tests little); at least *keep_alive* workers
-    are spared so the swarm still does work.  Each kill is recorded as a fault operation.  With *stop*, the file is created once
-    the kills are done (or given up), so a workload that runs until it exists is sure to be hit while working.
+    are spared so the swarm still does work.  Each kill is recorded as a fault operation.  With *stop*, the file is
+    created once the kills are done (or given up), so a workload that runs until it exists is sure to be hit while
+    working.
     """
     rng = random.Random(f"chaos:{seed}")
 
