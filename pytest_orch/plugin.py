@@ -24,8 +24,12 @@ from .adapter import load_factory
 from .checks import OrchViolation, Report, check_history, read_final
 from .history import History
 from .options import OrchOptions
+from .stateful import register_profiles, select_profile
 from .swarm import SwarmHandle, Workload, run_swarm
 from .tmux import QUIET_AGENT_COMMAND, kill_server, private_env
+
+# At import, before Hypothesis's own plugin reads --hypothesis-profile: the profiles dev, ci and soak.
+register_profiles()
 
 
 def _positive_int(text: str) -> int:
@@ -155,6 +159,7 @@ def pytest_configure(config: pytest.Config) -> None:
                    " --orch-timeout for the swarms of this test")
     options = _resolve(config)
     _options.set_current(options)
+    select_profile(config)  # ``ci`` when $CI is set and no --hypothesis-profile was given
     _rows.clear()
 
 
