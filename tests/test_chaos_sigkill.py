@@ -74,6 +74,8 @@ def test_the_reference_loses_nothing_and_corrupts_nothing_under_random_sigkills_
     faults = _in_time_order(report)
     assert [t for t, _ in faults] == sorted(t for t, _ in faults)
     assert sum(1 for _, what in faults if what.startswith("SIGKILL p")) == 3
+    assert any(re.match(r"SIGKILL p\d+: cut short (deploy|update|kill|reconcile)\(", what) for _, what in faults), \
+        faults  # each kill is aimed at a worker in the middle of an operation
     assert "faults injected, in time order, and the operations they hit:" in report.render()
     print(f"run {run}: {len(history.calls)} ops ({history.count('ok')} ok, {history.count('fail')} fail,"
           f" {history.count('info')} info), {len(kills)} SIGKILLs:"
@@ -106,6 +108,8 @@ def test_legacy_fails_the_chaos_suite_with_corruption_or_lost_updates_and_lists_
         for _, what in lines:
             assert re.fullmatch(r"SIGKILL p\d+(: cut short \w+\(.*\)| between operations)|tmux_kill\(.*\) by p\d+",
                                 what), what
-    assert re.search(r"SIGKILL p\d+: cut short (deploy|update|kill|reconcile)\(", text), text[-3000:]
+    # Legacy's operations fail in microseconds, so its workers may be done before a kill lands: the kills that cut
+    # an operation short are shown on the reference, whose workers stay busy until the kills are done.
+    assert re.search(r"SIGKILL p\d+(: cut short| between operations)", text), text[-3000:]
     assert "replay: pytest " in text
     assert "--orch-chaos=sigkill=3" in text
