@@ -38,6 +38,7 @@ Subclass it to add rules, and run it with :func:`run_machine` (or ``MyMachine.Te
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -70,9 +71,10 @@ from . import options
 from .adapter import ALL_PROMISES, load_factory, promises_of
 from .burst import MAX_WORKERS, Op, Record, kill_session, shared_pool, timed
 from .linearize import Applied, Call, Refused, Search, linearize, lost
-from .tmux import QUIET_AGENT_COMMAND, private_server
+from .tmux import QUIET_AGENT_COMMAND, kill_server, private_env
+from .tmux import apply as apply_env
 
-__all__ = ["AGENT_TYPES", "BurstFailure", "Command", "ModelMismatch", "RegistryMachine", "RegistryModel",
+__all__ = ["AGENT_TYPES", "BurstFailure", "Command", "LostUpdate", "ModelMismatch", "RegistryMachine", "RegistryModel",
            "Specification", "StepFailure", "machine_settings", "register_profiles", "run_machine", "select_profile"]
 
 #: Few types, so that deduplication has something to refuse.
@@ -81,8 +83,9 @@ AGENT_TYPES = ("investigator", "builder", "fixer", "tester")
 UPDATE_STATUSES = ("running", "working", "blocked", "completed", "terminated", "error", "failed", "paused")
 #: Operations a burst draws from, the ones Hypothesis shrinks towards first.
 BURST_KINDS = ("update", "deploy", "kill", "reconcile", "lose_session")
-#: Limits of the first task: generous, so that the simplest failing programs are races, not limits.
+#: The first task: generous limits, and two agents from the start (see RegistryMachine.first_agents).
 FIRST_TASK_LIMITS = (20, 10, 4)
+FIRST_AGENTS = ("investigator", "builder")
 #: Limits of further tasks: generous ones first (what Hypothesis shrinks towards), then small ones that bind.
 MAX_AGENTS = (20, 1, 2, 3, 5)
 MAX_CONCURRENT = (10, 1, 2, 3)
@@ -104,7 +107,7 @@ def register_profiles() -> None:
     phases = [p for p in Phase if p is not Phase.explain]
     settings.register_profile("dev", max_examples=10, stateful_step_count=10, deadline=None,
                               suppress_health_check=quiet, phases=phases)
-    settings.register_profile("ci", max_examples=50, stateful_step_count=20, deadline=None, derandomize=True,
+    settings.register_profile("ci", max_examples=50, stateful_step_count=12, deadline=None, derandomize=True,
                               print_blob=True, suppress_health_check=quiet, phases=phases)
     settings.register_profile("soak", max_examples=500, stateful_step_count=40, deadline=None, print_blob=True,
                               suppress_health_check=quiet, phases=phases)
@@ -130,15 +133,30 @@ def machine_settings() -> settings:
     current = settings.get_current_profile_name()
     base = settings.get_profile("dev") if current == "default" else settings()
     phases = [p for p in base.phases if p is not Phase.explain]
-    return settings(base, deadline=None, suppress_health_check=list(HealthCheck), phases=phases)
+    # One failure is shrunk, not one per exception type: the kinds of failure of a burst vary with timing.
+    return settings(base, deadline=None, suppress_health_check=list(HealthCheck), phases=phases,
+                    report_multiple_bugs=False)
 
 
 def run_machine(machine: type[RegistryMachine], *, settings: settings | None = None) -> None:
-    """Run *machine* as a Hypothesis test with :func:`machine_settings` (or *settings*)."""
-    machine._failure_seen = False
+    """Run *machine* as a Hypothesis test with :func:`machine_settings` (or *settings*).
+
+    Raises what Hypothesis raises (the shrunk failure), or BurstFailure for a burst that failed too rarely to shrink.
+    """
+    machine._failure_seen = machine._lost_seen = False
     for key in [k for k in _verdicts if k[0] is machine]:
         del _verdicts[key]
-    run_state_machine_as_test(machine, settings=settings or machine_settings())
+    _rare.pop(machine, None)
+    try:
+        run_state_machine_as_test(machine, settings=settings or machine_settings())
+    finally:
+        close_tmux_server()
+    rare = _rare.pop(machine, [])
+    if rare:
+        failure = BurstFailure("Hypothesis found no burst that fails reliably, but this one did fail:\n\n" + rare[0])
+        if len(rare) > 1:
+            failure.add_note(f"({len(rare) - 1} more bursts failed as rarely.)")
+        raise failure
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -170,6 +188,13 @@ class TaskModel:
     max_depth: int
     agents: tuple[AgentModel, ...] = ()
 
+    def __hash__(self) -> int:  # the search hashes states constantly: compute it once
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.handle, self.max_agents, self.max_concurrent, self.max_depth, self.agents))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def agent(self, handle: str) -> AgentModel | None:
         return next((a for a in self.agents if a.handle == handle), None)
 
@@ -188,6 +213,13 @@ class RegistryModel:
     """The whole registry as the model sees it: hashable, so the linearizability search can memoize it."""
 
     tasks: tuple[TaskModel, ...] = ()
+
+    def __hash__(self) -> int:
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(self.tasks)
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     def task(self, handle: str) -> TaskModel | None:
         return next((t for t in self.tasks if t.handle == handle), None)
@@ -209,11 +241,18 @@ class Command:
     progress: int = 0
     limits: tuple[int, int, int] = (0, 0, 0)
 
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # how Hypothesis prints a drawn burst
+        printer.text(str(self))
+
     def __str__(self) -> str:
         if self.kind == "create_task":
             return "create_task(max_agents={}, max_concurrent={}, max_depth={}) -> {}".format(*self.limits, self.task)
         if self.kind == "deploy":
-            return f"deploy({self.task}, {self.agent_type!r}, parent={self.parent}) -> {self.agent}"
+            return f"deploy({self.task}, {self.agent_type!r}, parent={self.parent})" + (f" -> {self.agent}"
+                                                                                           if self.agent else "")
         if self.kind == "update":
             return f"update({self.agent}, {self.status!r}, progress={self.progress})"
         if self.kind == "lose_session":
@@ -240,9 +279,17 @@ class Specification:
 
     def __init__(self, promises: frozenset[str] = ALL_PROMISES) -> None:
         self.promises = promises
+        self._cache: dict[tuple[RegistryModel, Command], Effect | tuple[Effect, ...]] = {}
 
     def __call__(self, state: RegistryModel, call: Call) -> Effect | tuple[Effect, ...]:
-        return self.apply(state, call.op)
+        # The search asks for the same (state, operation) from many orders, and the lost-update analysis repeats it.
+        key = (state, call.op)
+        effect = self._cache.get(key)
+        if effect is None:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            effect = self._cache[key] = self.apply(state, call.op)
+        return effect
 
     def apply(self, state: RegistryModel, cmd: Command) -> Effect | tuple[Effect, ...]:
         if cmd.kind == "create_task":
@@ -310,6 +357,22 @@ class Specification:
 
 def _handle_number(agent: AgentModel) -> int:
     return int(agent.handle[1:]) if agent.handle[1:].isdigit() else -1
+
+
+@st.composite
+def burst_commands(draw: st.DrawFn, task: str, known: tuple[str, ...]) -> Command:
+    """One operation of a burst on *task*, on one of the *known* agent handles (a deploy's handle comes later)."""
+    kind = draw(st.sampled_from(BURST_KINDS if known else ("deploy", "reconcile")))
+    if kind == "deploy":
+        return Command("deploy", task, "", draw(st.sampled_from(AGENT_TYPES)),
+                       parent=draw(st.sampled_from((ORCHESTRATOR, *known))))
+    if kind == "reconcile":
+        return Command("reconcile", task)
+    agent = draw(st.sampled_from(known))
+    if kind == "update":
+        return Command("update", task, agent, status=draw(st.sampled_from(UPDATE_STATUSES)),
+                       progress=draw(st.integers(0, 100)))
+    return Command(kind, task, agent)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -554,6 +617,10 @@ class BurstFailure(ModelMismatch):
     """A burst's outcome has no linearization: no order of its operations explains it."""
 
 
+class LostUpdate(BurstFailure):
+    """A burst with no linearization, whose documents are explained if an operation that returned ok never ran."""
+
+
 @dataclass
 class _Memo:
     """The verdict on one check of one program, fixed at its first run, and how often it failed since."""
@@ -570,6 +637,8 @@ class _Memo:
 
 #: (machine class, impl, program, check) -> its verdict; see RegistryMachine.check.
 _verdicts: dict[tuple[Any, ...], _Memo] = {}
+#: machine class -> reports of bursts that failed, but too rarely to shrink; see RegistryMachine.run_burst.
+_rare: dict[type, list[str]] = {}
 
 
 @dataclass
@@ -582,7 +651,8 @@ class _Verdict:
     observed: tuple[Any, ...]
     search: Search[RegistryModel]
     ids: dict[str, str]  # handle -> id, including this run's ok deploys
-    report: str = ""
+    calls: list[Call]
+    opts: ViewOptions
 
     @property
     def ok(self) -> bool:
@@ -596,6 +666,7 @@ class _Checked:
     failure: ModelMismatch | None = None
     runs: int = 1
     failures: int = 0
+    quiet: bool = False  # no failure, but the registry is not in a state the model can follow
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -630,6 +701,43 @@ def _start_session(name: str) -> None:
     subprocess.run(["tmux", "new-session", "-d", "-s", name, QUIET_AGENT_COMMAND], check=True, capture_output=True)
 
 
+_tmux_dir: Path | None = None
+
+
+@contextlib.contextmanager
+def _private_tmux() -> Iterator[Path]:
+    """Point this process (and the workers it sends jobs to) at the run's private tmux server for one example.
+
+    The server lives from the first example to :func:`close_tmux_server` (the end of :func:`run_machine`, or exit),
+    with one session that keeps it up; every other session is killed when the example ends.
+    """
+    global _tmux_dir
+    if _tmux_dir is None or not _tmux_dir.is_dir():
+        _tmux_dir = Path(tempfile.mkdtemp(prefix="orch-hyp-tmux-"))  # short: a socket path is at most ~100 bytes
+    saved = {k: os.environ.get(k) for k in private_env(_tmux_dir)}
+    apply_env(os.environ, private_env(_tmux_dir))
+    try:
+        if KEEPALIVE_SESSION not in _alive_sessions():
+            _start_session(KEEPALIVE_SESSION)  # a running server: concurrent first sessions need not race to start it
+        yield _tmux_dir
+    finally:
+        subprocess.run(["tmux", "kill-session", "-a", "-t", f"={KEEPALIVE_SESSION}"], capture_output=True,
+                       check=False)
+        apply_env(os.environ, {k: v or "" for k, v in saved.items()})
+
+
+def close_tmux_server() -> None:
+    """Kill the private tmux server of the stateful examples and remove its directory (also done at exit)."""
+    global _tmux_dir
+    if _tmux_dir is not None:
+        kill_server(_tmux_dir)
+        shutil.rmtree(_tmux_dir, ignore_errors=True)
+        _tmux_dir = None
+
+
+atexit.register(close_tmux_server)
+
+
 class RegistryMachine(RuleBasedStateMachine):
     """The registry (``--orch-impl``) and :class:`Specification` side by side; see the module docstring.
 
@@ -656,6 +764,8 @@ class RegistryMachine(RuleBasedStateMachine):
     max_tasks: ClassVar[int] = 3
     #: Set when a check failed in this run: from then on passing bursts are re-run before they count as passing.
     _failure_seen: ClassVar[bool] = False
+    #: Set when a burst showed a lost update: from then on only lost updates count while shrinking.
+    _lost_seen: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -670,8 +780,7 @@ class RegistryMachine(RuleBasedStateMachine):
             self.workspace = self.root / "ws"
             self.workspace.mkdir()
             self._stack.enter_context(_environ(ORCH_AGENT_COMMAND=QUIET_AGENT_COMMAND))
-            self._stack.enter_context(private_server(self.root / "tmux"))
-            _start_session(KEEPALIVE_SESSION)  # a running server: concurrent first sessions need not race to start it
+            self._stack.enter_context(_private_tmux())
             self.generation = 0
             self.adapter = load_factory(self.impl_spec)(self.workspace)
         except BaseException:
@@ -685,6 +794,7 @@ class RegistryMachine(RuleBasedStateMachine):
         self.task_of: dict[str, str] = {}  # agent handle -> task handle
         self.program: list[Any] = []  # every command run so far in this example: what Hypothesis replays
         self.failure: ModelMismatch | None = None
+        self._after_step: tuple[int, Snapshot] | None = None
         self.live = True  # False once the example stops running operations (see the class docstring)
         self._agent_numbers = itertools.count()
         self._task_numbers = itertools.count()
@@ -720,8 +830,8 @@ class RegistryMachine(RuleBasedStateMachine):
             type(self)._failure_seen = True
             self.failure = memo.exception()
             self.live = False
-        elif checked.failure is not None:
-            self.live = False  # it passed here before: stay quiet, or the replay would not match
+        elif checked.failure is not None or checked.quiet:
+            self.live = False  # it passed here before (or passes, narrowly): stay quiet, the replay must match
 
     # -- running operations ---------------------------------------------------------------------------------------
 
@@ -782,6 +892,7 @@ class RegistryMachine(RuleBasedStateMachine):
             elif cmd.kind == "create_task" and rec.outcome == "ok":
                 ids[cmd.task] = str(rec.result)
         snap = self.snapshot(ids)
+        self._after_step = None  # the invariants read the documents afresh, unless the step keeps this reading
         opts = replace(self.view_options, has_global=snap.glob is not None or "global" in snap.errors)
         observed = observed_view(snap, self._naming(ids), opts)
         known = frozenset(ids)
@@ -789,10 +900,7 @@ class RegistryMachine(RuleBasedStateMachine):
                  for i, (cmd, rec) in enumerate(zip(commands, records, strict=True))]
         search = linearize(calls, self.state, self.spec, lambda s: model_view(s, known, opts) == observed,
                            prune=pruner(observed, known, opts))
-        verdict = _Verdict(commands, records, snap, observed, search, ids)
-        if not search.ok:
-            verdict.report = self._report(verdict, calls, opts)
-        return verdict
+        return _Verdict(commands, records, snap, observed, search, ids, calls, opts)
 
     def _adopt(self, verdict: _Verdict) -> None:
         """Make the accepted final state the model's, and learn the ids of agents whose deploy was ``info``."""
@@ -822,8 +930,9 @@ class RegistryMachine(RuleBasedStateMachine):
             docs = self.snapshot().tasks if cmd.kind == "lose_session" else {}
             verdict = self._judge([cmd], [timed(self.adapter, self._op(cmd, docs), 0)])
             if not verdict.ok:
-                return _Checked(StepFailure(verdict.report), 1, 1)
+                return _Checked(self._failure(verdict), 1, 1)
             self._adopt(verdict)
+            self._after_step = (len(self.program), verdict.snapshot)  # read after the step: the invariants use it
             return _Checked()
 
         self.check("step", run)
@@ -831,9 +940,13 @@ class RegistryMachine(RuleBasedStateMachine):
     def run_burst(self, commands: Sequence[Command]) -> None:
         """Run *commands* at the same time in the worker pool and check that some order of them explains the outcome.
 
-        A burst that fails is re-run :attr:`reruns` more times from the same start (the workspace and the tmux
-        sessions restored), to count how often it fails; once a failure has been seen in this test (Hypothesis is
-        shrinking), a new burst that passes is re-run as often before it counts as passing.
+        Process timing decides whether a racy registry shows its race, so a burst that fails is run again from the
+        same start (the workspace and the tmux sessions restored) until it has run ``1 + reruns`` times, and it
+        counts as failing only if it failed in at least half of them; the report says how often.  A burst that
+        fails more rarely than that is kept aside, and :func:`run_machine` fails with it at the end if Hypothesis
+        finds nothing that fails reliably.  Once a failure is in hand (Hypothesis is shrinking) every new burst is
+        run twice before it counts as passing, and once that failure is a lost update only lost updates count, so
+        that the shrinker keeps the most telling counterexample instead of slipping to whatever fails by luck.
         """
         self.program.append(tuple(commands))
 
@@ -842,25 +955,42 @@ class RegistryMachine(RuleBasedStateMachine):
             save = self.root / "save"
             shutil.rmtree(save, ignore_errors=True)
             shutil.copytree(self.workspace, save)
-            alive_before = _alive_sessions()
-            docs = self.snapshot().tasks
-            ops = [self._op(cmd, docs) for cmd in commands]
+            before = self.snapshot()
+            ops = [self._op(cmd, before.tasks) for cmd in commands]
             note("burst: " + "; ".join(f"#{i} {cmd} [{op}]" for i, (cmd, op) in enumerate(zip(commands, ops,
                                                                                                 strict=True))))
             hunting = memo is None and type(self)._failure_seen
             runs: list[_Verdict] = []
-            for attempt in range(1 + self.reruns):
-                if attempt:
-                    self._restore(save, alive_before)
+
+            def once() -> None:
+                if runs:
+                    self._restore(save, before.alive)
                 records = pool.run(self.impl_spec, self.workspace, ops, generation=self.generation,
                                    timeout=self.timeout)
                 runs.append(self._judge(commands, records))
-                if runs[-1].ok and not hunting and all(v.ok for v in runs):
-                    break
+
+            once()
+            if hunting:
+                once()
+            while not all(v.ok for v in runs) and len(runs) < 1 + self.reruns:
+                once()
             failures = [v for v in runs if not v.ok]
             if runs[-1].ok:
                 self._adopt(runs[-1])
-            return _Checked(BurstFailure(failures[0].report) if failures else None, len(runs), len(failures))
+                self._after_step = (len(self.program), runs[-1].snapshot)
+            if not failures:
+                return _Checked(runs=len(runs))
+            failure = self._failure(failures[0])
+            if len(failures) * 2 < len(runs):
+                if not hunting:
+                    _rare.setdefault(type(self), []).append(str(failure).replace(
+                        "{RUNS}", f"it failed in only {len(failures)} of {len(runs)} runs, too rarely to shrink"))
+                return _Checked(None, len(runs), len(failures), quiet=not runs[-1].ok)
+            if hunting and type(self)._lost_seen and not isinstance(failure, LostUpdate):
+                return _Checked(None, len(runs), len(failures), quiet=not runs[-1].ok)
+            if isinstance(failure, LostUpdate):
+                type(self)._lost_seen = True
+            return _Checked(failure, len(runs), len(failures))
 
         self.check("burst", run)
 
@@ -878,68 +1008,83 @@ class RegistryMachine(RuleBasedStateMachine):
 
     # -- reports --------------------------------------------------------------------------------------------------
 
-    def _report(self, verdict: _Verdict, calls: Sequence[Call], opts: ViewOptions) -> str:
+    def _lost(self, verdict: _Verdict) -> list[str]:
+        """For each document the burst does not explain: the ok operations whose absence would explain it."""
+        out = []
+        known = frozenset(verdict.ids)
+        for part, label in ((0, "the task registry"), (1, "the global registry")):
+            def explains(s: RegistryModel, part: int = part) -> bool:
+                return bool(model_view(s, known, verdict.opts)[part] == verdict.observed[part])
+
+            cut = pruner(verdict.observed, known, verdict.opts, (part,))
+            if linearize(verdict.calls, self.state, self.spec, explains, prune=cut).ok:
+                continue  # this document alone is explained by the whole burst
+            gone = lost(verdict.calls, self.state, self.spec, explains, prune=cut)
+            if gone:
+                who = " or ".join(f"#{i} ({verdict.commands[i]})" for i in gone)
+                out.append(f"Lost update in {label}: it holds exactly what the burst leaves if {who} never ran, yet"
+                           " that operation returned ok: an acknowledged write was overwritten by a writer that had"
+                           " not seen it.")
+        return out
+
+    def _failure(self, verdict: _Verdict) -> ModelMismatch:
+        """The report on a run the checker rejected, as the exception to raise."""
         search, records, commands = verdict.search, verdict.records, verdict.commands
         burst = len(commands) > 1
+        lost_lines = self._lost(verdict) if burst else []
         t0 = min(r.invoke for r in records)
 
         def ms(ns: int | None) -> str:
             return "   never" if ns is None else f"{(ns - t0) / 1e6:8.3f}"
 
-        lines = []
         if burst:
-            lines.append(f"A burst of {len(commands)} operations on task {commands[0].task} is not linearizable: no"
-                         f" order of them explains what the registry holds ({{RUNS}}; impl {self.impl_spec}).")
+            lines = [f"{'Lost update: a' if lost_lines else 'A'} burst of {len(commands)} operations on task"
+                     f" {commands[0].task} is not linearizable: no order of them explains what the registry holds"
+                     f" ({{RUNS}}; impl {self.impl_spec})."]
         else:
-            lines.append(f"{commands[0]} did what the model does not allow (impl {self.impl_spec}).")
+            lines = [f"{commands[0]} did what the model does not allow (impl {self.impl_spec})."]
         lines += ["", "Operations (ms from the first invoke; outcome; result or error):"]
         for i, (cmd, rec) in enumerate(zip(commands, records, strict=True)):
             detail = rec.result if rec.outcome == "ok" and rec.result is not None else rec.error
             lines.append(f"  #{i}  {ms(rec.invoke)} .. {ms(rec.complete)}  {rec.outcome:<4}  {cmd}"
                          + (f"  -> {detail}" if detail else ""))
-        known = frozenset(verdict.ids)
-        if burst:
-            for part, label in ((0, "the task registry"), (1, "the global registry")):
-                def explains(s: RegistryModel, part: int = part) -> bool:
-                    return bool(model_view(s, known, opts)[part] == verdict.observed[part])
-
-                cut = pruner(verdict.observed, known, opts, (part,))
-                if linearize(calls, self.state, self.spec, explains, prune=cut).ok:
-                    continue  # this document alone is explained by the whole burst
-                gone = lost(calls, self.state, self.spec, explains, prune=cut)
-                if gone:
-                    who = " or ".join(f"#{i}" for i in gone)
-                    lines += ["", f"Lost update in {label}: it is exactly what the burst leaves if {who} never ran,"
-                                  " yet that operation returned ok: an acknowledged write was overwritten by a writer"
-                                  " that had not seen it."]
+        for line in lost_lines:
+            lines += ["", line]
         lines += ["", "The model before:"]
         lines += [f"  {line}" for line in self._describe(self.state, self.ids)] or ["  (empty)"]
-        lines += ["", "Final documents:"]
-        for task_id, doc in verdict.snapshot.tasks.items():
-            lines.append(f"  task {self._naming(verdict.ids).task(task_id)} = {task_id}:")
-            lines += [f"    {line}" for line in _json(doc).splitlines()]
-        if verdict.snapshot.glob is not None:
-            lines.append("  global:")
-            lines += [f"    {line}" for line in _json(verdict.snapshot.glob).splitlines()]
-        lines.append(f"  live tmux sessions: {sorted(verdict.snapshot.alive - {KEEPALIVE_SESSION})}")
+        known = frozenset(verdict.ids)
         lines += ["", f"Orders tried: {search.explored} states explored"
                       + (" (the search budget ran out: inconclusive)" if search.exhausted else "")
-                      + f"; {len(search.final_states)} complete order(s) end in a state that differs:"]
+                      + f"; {len(search.final_states)} complete order(s) end in a state that differs from the"
+                        " documents:"]
         for order, final in zip(search.final_orders, search.final_states, strict=True):
-            diffs = diff_views(model_view(final, known, opts), verdict.observed)
+            diffs = diff_views(model_view(final, known, verdict.opts), verdict.observed)
             lines.append(f"  {_fmt_order(order)}:")
             lines += [f"      {d}" for d in diffs[:6]] + (["      ..."] if len(diffs) > 6 else [])
         if not search.final_states:
             lines.append("  none: in every order some ok operation is one the model refuses there, or a failed one"
-                         " the model would have applied:")
+                         " the model would have applied.  Each alone, from the state before:")
             for i, (cmd, rec) in enumerate(zip(commands, records, strict=True)):
                 alone = self.spec.apply(self.state, cmd)
                 effects = alone if isinstance(alone, tuple) else (alone,)
                 verdicts = "; ".join("applies" if isinstance(e, Applied) else f"refuses ({e.reason})" for e in effects)
-                lines.append(f"      #{i} {rec.outcome}: from the state before, the model {verdicts}")
-        lines += ["", "Legend: #i applied, !#i refused there, ?#i info applied there, ~#i info never applied;"
-                      " '?' in a row is an agent id the machine does not know."]
-        return "\n".join(lines)
+                lines.append(f"      #{i} ({rec.outcome}): the model {verdicts}")
+        lines += ["", "Final documents:"]
+        for task_id, doc in verdict.snapshot.tasks.items():
+            error = verdict.snapshot.errors.get(task_id)
+            lines.append(f"  task {self._naming(verdict.ids).task(task_id)} = {task_id}:"
+                         + (f" could not be read: {error}" if error else ""))
+            lines += [f"    {line}" for line in _json(doc).splitlines()] if not error else []
+        if "global" in verdict.snapshot.errors:
+            lines.append(f"  global: could not be read: {verdict.snapshot.errors['global']}")
+        elif verdict.snapshot.glob is not None:
+            lines.append("  global:")
+            lines += [f"    {line}" for line in _json(verdict.snapshot.glob).splitlines()]
+        lines.append(f"  live tmux sessions: {sorted(verdict.snapshot.alive - {KEEPALIVE_SESSION})}")
+        lines += ["", "Orders: #i applied there, !#i refused there, ?#i (info) applied there, ~#i (info) never applied."
+                      "  Agents are named by handle (a0, a1...; '?' is an id the machine does not know)."]
+        cls = (LostUpdate if lost_lines else BurstFailure) if burst else StepFailure
+        return cls("\n".join(lines))
 
     def _describe(self, state: RegistryModel, ids: Mapping[str, str]) -> list[str]:
         out = []
@@ -959,9 +1104,25 @@ class RegistryMachine(RuleBasedStateMachine):
         self.run_serial(Command("create_task", handle, limits=(max_agents, max_concurrent, max_depth)))
         return handle
 
+    def _first_task(self) -> str:
+        if "t0" not in self.handles:
+            return self._create_task(*FIRST_TASK_LIMITS)
+        return "t0"
+
     @initialize(target=tasks)
     def first_task(self) -> str:
-        return self._create_task(*FIRST_TASK_LIMITS)
+        """A task with generous limits, so that the simplest failing programs are races, not limits."""
+        return self._first_task()
+
+    @initialize(target=agents)
+    def first_agents(self) -> Any:
+        """Two running agents in the first task, so that a burst can race on agents from its first step."""
+        task = self._first_task()
+        handles = []
+        for agent_type in FIRST_AGENTS:
+            handles.append(self._new_agent(task))
+            self.run_serial(Command("deploy", task, handles[-1], agent_type))
+        return multiple(*handles)
 
     @precondition(lambda self: len(self.state.tasks) < self.max_tasks)
     @rule(target=tasks, max_agents=st.sampled_from(MAX_AGENTS), max_concurrent=st.sampled_from(MAX_CONCURRENT),
@@ -996,41 +1157,27 @@ class RegistryMachine(RuleBasedStateMachine):
         self.run_serial(Command("lose_session", task, agent))
         self.run_serial(Command("reconcile", task))
 
-    @rule(task=tasks)
-    def reconcile(self, task: str) -> None:
-        self.run_serial(Command("reconcile", task))
-
     @rule(target=agents, task=tasks, data=st.data())
     def burst(self, task: str, data: st.DataObject) -> Any:
-        size = data.draw(st.integers(2, self.burst_max), label="burst size")
-        known = list(self.handles[task])  # drawn handles only: the same program whatever the timing did
-        commands = []
-        for i in range(size):
-            kind = data.draw(st.sampled_from(BURST_KINDS if known else ("deploy", "reconcile")), label=f"op {i}")
-            if kind == "deploy":
-                agent_type = data.draw(st.sampled_from(AGENT_TYPES), label=f"op {i} type")
-                parent = data.draw(st.sampled_from([ORCHESTRATOR, *known]), label=f"op {i} parent")
-                commands.append(Command("deploy", task, "", agent_type, parent=parent))
-            elif kind == "reconcile":
-                commands.append(Command("reconcile", task))
-            else:
-                agent = data.draw(st.sampled_from(known), label=f"op {i} agent")
-                if kind == "update":
-                    status = data.draw(st.sampled_from(UPDATE_STATUSES), label=f"op {i} status")
-                    progress = data.draw(st.integers(0, 100), label=f"op {i} progress")
-                    commands.append(Command("update", task, agent, status=status, progress=progress))
-                else:
-                    commands.append(Command(kind, task, agent))
-        commands = [replace(c, agent=self._new_agent(task)) if c.kind == "deploy" else c for c in commands]
+        """2..N operations on *task* at the same instant; see :meth:`run_burst`."""
+        known = tuple(self.handles[task])  # drawn handles only: the same program whatever the timing did
+        drawn = data.draw(st.lists(burst_commands(task, known), min_size=2, max_size=self.burst_max), label="burst")
+        commands = [replace(c, agent=self._new_agent(task)) if c.kind == "deploy" else c for c in drawn]
         self.run_burst(commands)
         return multiple(*(c.agent for c in commands if c.kind == "deploy"))
 
     # -- invariants -----------------------------------------------------------------------------------------------
 
+    def _invariant_snapshot(self) -> Snapshot:
+        """The documents and sessions as they were after the step: read by its check, or else afresh."""
+        if self._after_step is None or self._after_step[0] != len(self.program):
+            self._after_step = (len(self.program), self.snapshot())
+        return self._after_step[1]
+
     @invariant()
     def documents_match_the_model(self) -> None:
         def run(memo: _Memo | None) -> _Checked:
-            snap = self.snapshot()
+            snap = self._invariant_snapshot()
             opts = replace(self.view_options, has_global=snap.glob is not None or "global" in snap.errors)
             want = model_view(self.state, frozenset(self.ids), opts)
             have = observed_view(snap, self._naming(self.ids), opts)
@@ -1044,7 +1191,7 @@ class RegistryMachine(RuleBasedStateMachine):
     @invariant()
     def registry_invariants_hold(self) -> None:
         def run(memo: _Memo | None) -> _Checked:
-            snap = self.snapshot()
+            snap = self._invariant_snapshot()
             if snap.errors:
                 return _Checked()  # documents_match_the_model reports those
             unpromised = ALL_PROMISES - self.promises
