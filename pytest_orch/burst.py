@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -158,7 +159,7 @@ def _worker(conn: Any, barrier: Any) -> None:
     adapter: Any = None
     while True:
         try:
-            job: Job | None = conn.recv()
+            job: Job | None = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError, KeyboardInterrupt):
             return
         if job is None:
@@ -178,14 +179,23 @@ def _worker(conn: Any, barrier: Any) -> None:
         try:
             barrier.wait(job.barrier_timeout)
         except threading.BrokenBarrierError:
-            conn.send(("broken", "the start barrier broke (a worker died or hung before the burst)"))
+            _reply(conn, ("broken", "the start barrier broke (a worker died or hung before the burst)"))
             continue
         if setup_error:
-            conn.send(("setup", setup_error))
+            _reply(conn, ("setup", setup_error))
         elif job.op is None:
-            conn.send(("idle", None))
+            _reply(conn, ("idle", None))
         else:
-            conn.send(("done", timed(adapter, job.op, job.index)))
+            _reply(conn, ("done", timed(adapter, job.op, job.index)))
+
+
+def _reply(conn: Any, reply: tuple[str, Any]) -> None:
+    # The standard pickle, not dill's pure-Python one: a burst sends and receives a message per worker.
+    try:
+        data = pickle.dumps(reply)
+    except Exception as exc:  # a result that does not pickle: say so rather than die
+        data = pickle.dumps(("setup", f"the reply {reply!r:.200} does not pickle: {exc}"))
+    conn.send_bytes(data)
 
 
 @dataclass
@@ -222,7 +232,7 @@ class WorkerPool:
     def _stop(self) -> None:
         for worker in self._workers:
             with contextlib.suppress(Exception):
-                worker.conn.send(None)
+                worker.conn.send_bytes(pickle.dumps(None))
         deadline = time.monotonic() + 2
         for worker in self._workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -258,7 +268,8 @@ class WorkerPool:
         env = dict(os.environ if env is None else env)
         for i, worker in enumerate(self._workers):
             op = ops[i] if i < len(ops) else None
-            worker.conn.send(Job(impl, str(workspace), generation, env, list(sys.path), op, i, timeout))
+            worker.conn.send_bytes(pickle.dumps(Job(impl, str(workspace), generation, env, list(sys.path), op, i,
+                                                    timeout)))
         replies: dict[int, tuple[str, Any]] = {}
         pending = dict(enumerate(self._workers))
         deadline = time.monotonic() + timeout + 5
@@ -270,7 +281,7 @@ class WorkerPool:
             for i, worker in list(pending.items()):
                 if worker.conn in ready or worker.conn.poll():
                     try:
-                        replies[i] = worker.conn.recv()
+                        replies[i] = pickle.loads(worker.conn.recv_bytes())
                     except (EOFError, OSError):
                         replies[i] = ("died", None)
                     del pending[i]

@@ -107,7 +107,7 @@ def register_profiles() -> None:
     phases = [p for p in Phase if p is not Phase.explain]
     settings.register_profile("dev", max_examples=10, stateful_step_count=10, deadline=None,
                               suppress_health_check=quiet, phases=phases)
-    settings.register_profile("ci", max_examples=50, stateful_step_count=12, deadline=None, derandomize=True,
+    settings.register_profile("ci", max_examples=100, stateful_step_count=8, deadline=None, derandomize=True,
                               print_blob=True, suppress_health_check=quiet, phases=phases)
     settings.register_profile("soak", max_examples=500, stateful_step_count=40, deadline=None, print_blob=True,
                               suppress_health_check=quiet, phases=phases)
@@ -702,6 +702,7 @@ def _start_session(name: str) -> None:
 
 
 _tmux_dir: Path | None = None
+_tmux_up = False
 
 
 @contextlib.contextmanager
@@ -711,24 +712,29 @@ def _private_tmux() -> Iterator[Path]:
     The server lives from the first example to :func:`close_tmux_server` (the end of :func:`run_machine`, or exit),
     with one session that keeps it up; every other session is killed when the example ends.
     """
-    global _tmux_dir
+    global _tmux_dir, _tmux_up
     if _tmux_dir is None or not _tmux_dir.is_dir():
         _tmux_dir = Path(tempfile.mkdtemp(prefix="orch-hyp-tmux-"))  # short: a socket path is at most ~100 bytes
     saved = {k: os.environ.get(k) for k in private_env(_tmux_dir)}
     apply_env(os.environ, private_env(_tmux_dir))
     try:
-        if KEEPALIVE_SESSION not in _alive_sessions():
+        if not _tmux_up:
             _start_session(KEEPALIVE_SESSION)  # a running server: concurrent first sessions need not race to start it
+            _tmux_up = True
         yield _tmux_dir
     finally:
-        subprocess.run(["tmux", "kill-session", "-a", "-t", f"={KEEPALIVE_SESSION}"], capture_output=True,
-                       check=False)
+        done = subprocess.run(["tmux", "kill-session", "-a", "-t", f"={KEEPALIVE_SESSION}"], capture_output=True,
+                              check=False)
+        if done.returncode != 0:  # the keepalive session is gone (something killed the server): start afresh
+            kill_server(_tmux_dir)
+            _tmux_up = False
         apply_env(os.environ, {k: v or "" for k, v in saved.items()})
 
 
 def close_tmux_server() -> None:
     """Kill the private tmux server of the stateful examples and remove its directory (also done at exit)."""
-    global _tmux_dir
+    global _tmux_dir, _tmux_up
+    _tmux_up = False
     if _tmux_dir is not None:
         kill_server(_tmux_dir)
         shutil.rmtree(_tmux_dir, ignore_errors=True)
@@ -742,7 +748,8 @@ class RegistryMachine(RuleBasedStateMachine):
     """The registry (``--orch-impl``) and :class:`Specification` side by side; see the module docstring.
 
     Class attributes users may override: ``impl`` (default: the ``--orch-impl`` option), ``reruns`` (extra runs
-    of a burst that fails, or that passes once a failure was seen), ``compare_progress`` and ``check_sessions``
+    of a burst that fails) and ``reliable`` (the share of its runs a burst must fail in to count as failing; see
+    :meth:`run_burst`), ``compare_progress`` and ``check_sessions``
     (whether progress and the liveness of active agents' tmux sessions are part of what must match), ``max_tasks``.
 
     Verdicts are fixed per program.  Process timing is the one thing Hypothesis does not control, and it must see
@@ -759,6 +766,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
     impl: ClassVar[str | None] = None
     reruns: ClassVar[int] = 3
+    reliable: ClassVar[float] = 0.75
     compare_progress: ClassVar[bool] = True
     check_sessions: ClassVar[bool] = True
     max_tasks: ClassVar[int] = 3
@@ -942,11 +950,13 @@ class RegistryMachine(RuleBasedStateMachine):
 
         Process timing decides whether a racy registry shows its race, so a burst that fails is run again from the
         same start (the workspace and the tmux sessions restored) until it has run ``1 + reruns`` times, and it
-        counts as failing only if it failed in at least half of them; the report says how often.  A burst that
+        counts as failing only if it failed in at least a :attr:`reliable` share of them (3 of 4): only a failure
+        that reproduces can be shrunk.  The report says how often it failed.  A burst that
         fails more rarely than that is kept aside, and :func:`run_machine` fails with it at the end if Hypothesis
-        finds nothing that fails reliably.  Once a failure is in hand (Hypothesis is shrinking) every new burst is
-        run twice before it counts as passing, and once that failure is a lost update only lost updates count, so
-        that the shrinker keeps the most telling counterexample instead of slipping to whatever fails by luck.
+        finds nothing that fails reliably.  Once a failure is in hand (Hypothesis is shrinking it), a new burst that
+        passes is run a second time before it counts as passing; and once that failure is a lost update only lost
+        updates count, so that the shrinker keeps the most telling counterexample instead of slipping to whatever
+        else fails.
         """
         self.program.append(tuple(commands))
 
@@ -955,7 +965,9 @@ class RegistryMachine(RuleBasedStateMachine):
             save = self.root / "save"
             shutil.rmtree(save, ignore_errors=True)
             shutil.copytree(self.workspace, save)
-            before = self.snapshot()
+            # The reading the previous step was checked on is the state the burst starts from.
+            fresh = self._after_step is not None and self._after_step[0] == len(self.program) - 1
+            before = self._after_step[1] if fresh and self._after_step is not None else self.snapshot()
             ops = [self._op(cmd, before.tasks) for cmd in commands]
             note("burst: " + "; ".join(f"#{i} {cmd} [{op}]" for i, (cmd, op) in enumerate(zip(commands, ops,
                                                                                                 strict=True))))
@@ -970,8 +982,8 @@ class RegistryMachine(RuleBasedStateMachine):
                 runs.append(self._judge(commands, records))
 
             once()
-            if hunting:
-                once()
+            if hunting and runs[-1].ok:
+                once()  # a candidate of the shrinker: one pass by luck would throw a smaller failure away
             while not all(v.ok for v in runs) and len(runs) < 1 + self.reruns:
                 once()
             failures = [v for v in runs if not v.ok]
@@ -981,7 +993,7 @@ class RegistryMachine(RuleBasedStateMachine):
             if not failures:
                 return _Checked(runs=len(runs))
             failure = self._failure(failures[0])
-            if len(failures) * 2 < len(runs):
+            if len(failures) < self.reliable * len(runs):
                 if not hunting:
                     _rare.setdefault(type(self), []).append(str(failure).replace(
                         "{RUNS}", f"it failed in only {len(failures)} of {len(runs)} runs, too rarely to shrink"))
