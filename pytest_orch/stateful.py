@@ -19,10 +19,11 @@ Every Bundle holds handles whose existence depends only on the drawn program, ne
 deploy's handle stays in the Bundle and stands for an agent the registry does not know), so Hypothesis replays and
 shrinks a program the same way whatever the timing did.  Timing decides only outcomes.
 
-Flaky bursts.  A burst that fails is re-run :attr:`RegistryMachine.reruns` more times from the same starting point
-(the workspace and the tmux sessions are restored), and the report says how often it failed.  Once a failure has been
-seen (Hypothesis is then shrinking), a burst that passes is also re-run that many times before it counts as passing,
-so a shrunk burst that fails only sometimes is not thrown away.
+Timing.  Process timing is the one input Hypothesis does not control.  A burst that fails is re-run from the same
+start (workspace and tmux sessions restored) and counts as failing only if it fails in most of its runs, so that what
+Hypothesis shrinks reproduces; the report says how often it failed.  The verdict on each check of a program is fixed
+the first time that program runs, so Hypothesis sees the same program behave the same way while it shrinks and when
+it replays the result.  See :meth:`RegistryMachine.run_burst` and :meth:`RegistryMachine.check`.
 
 Subclass it to add rules, and run it with :func:`run_machine` (or ``MyMachine.TestCase``)::
 
@@ -116,11 +117,13 @@ def register_profiles() -> None:
 def select_profile(config: pytest.Config) -> str | None:
     """Load ``ci`` when the ``CI`` environment variable is set and ``--hypothesis-profile`` was not given.
 
-    The plugin calls it from ``pytest_configure``.  Returns the profile it loaded, or None.
+    Set means present, whatever its value, as Hypothesis itself decides (it loads its own ``ci`` profile then, which
+    :func:`register_profiles` replaces).  The plugin calls it from ``pytest_configure``.  Returns the profile it
+    loaded, or None.
     """
     if config.getoption("hypothesis_profile", None):
         return None
-    if os.environ.get("CI", "").strip().lower() in ("", "0", "false", "no"):
+    if "CI" not in os.environ:
         return None
     register_profiles()
     settings.load_profile("ci")

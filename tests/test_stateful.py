@@ -1,0 +1,202 @@
+"""The Hypothesis state machine as users run it (pytester, in subprocesses), and the model it checks against.
+
+The two long tests run the ready-made stateful test of ``pytest_orch.suite`` in the ``ci`` profile at concurrency 10:
+against the reference registry it passes; against the legacy one it fails, and Hypothesis shrinks the failure to a
+burst of at most three operations whose report shows a lost update.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+from hypothesis import settings
+from hypothesis.errors import InvalidArgument
+
+from pytest_orch.linearize import Applied, Refused
+from pytest_orch.stateful import AgentModel, Command, RegistryModel, Specification, TaskModel
+
+SUITE = "pytest_orch.suite.test_stateful"
+
+Run = Callable[..., pytest.RunResult]
+
+#: What the plugin does at import and in pytest_configure, for a run whose plugin does not do it (yet).
+PROFILES_PLUGIN = """
+from pytest_orch.stateful import register_profiles, select_profile
+
+register_profiles()
+
+
+def pytest_configure(config):
+    select_profile(config)
+"""
+
+
+def _plugin_registers_profiles() -> bool:
+    import pytest_orch.plugin  # noqa: F401  (the pytest11 entry point; registers the profiles when it imports)
+
+    try:
+        settings.get_profile("ci")
+    except InvalidArgument:
+        return False
+    return True
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Run:
+    """``run(*args)``: pytest in a subprocess, strict like this repository, with the profiles registered."""
+    monkeypatch.delenv("CI", raising=False)
+    for var in ("ORCH_CONCURRENCY", "ORCH_IMPL", "ORCH_OPS", "ORCH_SEED", "ORCH_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    pytester.makeini("[pytest]\nfilterwarnings = error\naddopts = --strict-markers -p no:cacheprovider\n")
+    extra: list[str] = []
+    if not _plugin_registers_profiles():
+        pytester.makepyfile(orch_profiles=PROFILES_PLUGIN)
+        extra = ["-p", "orch_profiles"]
+
+    def run(*args: str) -> pytest.RunResult:
+        return pytester.runpytest_subprocess(*extra, *args)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The machine against the built-in registries
+
+
+def test_the_machine_passes_against_the_reference_with_bursts_of_ten_in_the_ci_profile(run: Run) -> None:
+    result = run("--pyargs", SUITE, "--orch-impl=reference", "--orch-concurrency=10",
+                 "--hypothesis-profile=ci", "-v")
+    assert result.ret == 0, result.stdout.str()[-4000:]
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["orch: impl=reference, concurrency=10, *", "hypothesis profile 'ci' -> *"])
+
+
+def test_the_machine_fails_against_legacy_with_a_lost_update_shrunk_to_at_most_three_operations(run: Run) -> None:
+    result = run("--pyargs", SUITE, "--orch-impl=legacy", "--orch-concurrency=10",
+                 "--hypothesis-profile=ci")
+    text = result.stdout.str()
+    result.assert_outcomes(failed=1)
+    assert "LostUpdate: Lost update: a burst of" in text, text[-6000:]
+    shrunk = re.search(r"Lost update: a burst of (\d+) operations", text)
+    assert shrunk, text[-6000:]
+    size = int(shrunk.group(1))
+    assert 2 <= size <= 3, text[-6000:]
+    assert re.search(r"it failed in \d+ of \d+ runs; impl legacy", text)
+    assert re.search(r"Lost update in the (task|global) registry: it holds exactly what the burst leaves if #\d",
+                     text)
+    # The report: each operation with its outcome, the final documents, and the orders tried.
+    assert len(re.findall(r"  #\d  +[\d.]+ \.\. +[\d.]+  (ok|fail|info) ", text)) >= size
+    for heading in ("Operations (ms from the first invoke", "The model before:", "Orders tried: ",
+                    "Final documents:", "live tmux sessions:"):
+        assert heading in text
+    # Hypothesis printed the shrunk program, ending with the burst, and how to replay it.
+    assert "state.burst(data=data(...), task=tasks_0)" in text
+    assert "@reproduce_failure(" in text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Profiles and subclassing
+
+
+def test_ci_is_the_profile_when_the_ci_variable_is_set_and_none_was_chosen(
+        run: Run, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile(test_profile="""
+        from hypothesis import settings
+
+        def test_profile():
+            print("PROFILE", settings.get_current_profile_name(), settings().max_examples, settings().deadline)
+    """)
+    monkeypatch.setenv("CI", "true")
+    run("-s").stdout.fnmatch_lines(["*PROFILE ci 100 None"])
+    run("-s", "--hypothesis-profile=dev").stdout.fnmatch_lines(["*PROFILE dev 10 None"])
+    monkeypatch.delenv("CI")
+    run("-s").stdout.fnmatch_lines(["*PROFILE default 100 0:00:00.200000"])
+
+
+def test_a_subclass_with_a_rule_of_its_own_runs_with_the_selected_implementation(
+        run: Run, pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_mine="""
+        from hypothesis.stateful import rule
+
+        from pytest_orch.stateful import Command, RegistryMachine, run_machine
+
+        CALLS = []
+
+
+        class Mine(RegistryMachine):
+            @rule(task=RegistryMachine.tasks)
+            def reconcile_twice(self, task):
+                CALLS.append(self.impl_spec)
+                self.run_serial(Command("reconcile", task))
+                self.run_serial(Command("reconcile", task))
+
+
+        def test_mine():
+            run_machine(Mine)
+            assert CALLS and set(CALLS) == {"reference"}
+    """)
+    run("--orch-concurrency=3", "--hypothesis-profile=dev").assert_outcomes(passed=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def _state(*agents: AgentModel, max_agents: int = 10, max_concurrent: int = 10, max_depth: int = 3) -> RegistryModel:
+    return RegistryModel((TaskModel("t0", max_agents, max_concurrent, max_depth, agents),))
+
+
+def _agent(handle: str, agent_type: str = "builder", status: str = "running", *, parent: str = "orchestrator",
+           depth: int = 1, session: bool = True) -> AgentModel:
+    return AgentModel(handle, agent_type, parent, depth, status, 0, session)
+
+
+def test_the_model_refuses_a_second_active_agent_of_a_type_only_when_unique_type_is_promised() -> None:
+    state = _state(_agent("a0", "builder"))
+    deploy = Command("deploy", "t0", "a1", "builder")
+    assert isinstance(Specification().apply(state, deploy), Refused)
+    either = Specification(frozenset({"max_agents", "max_concurrent", "max_depth"})).apply(state, deploy)
+    assert isinstance(either, tuple)
+    assert {type(e) for e in either} == {Applied, Refused}
+    # A finished agent of that type is no obstacle.
+    assert isinstance(Specification().apply(_state(_agent("a0", "builder", "completed")), deploy), Applied)
+
+
+def test_the_model_counts_every_agent_ever_spawned_against_max_agents_and_only_active_ones_against_max_concurrent(
+        ) -> None:
+    done = _agent("a0", "fixer", "completed")
+    deploy = Command("deploy", "t0", "a1", "builder")
+    assert isinstance(Specification().apply(_state(done, max_agents=1), deploy), Refused)
+    assert isinstance(Specification().apply(_state(done, max_concurrent=1), deploy), Applied)
+    assert isinstance(Specification().apply(_state(_agent("a0", "fixer"), max_concurrent=1), deploy), Refused)
+
+
+def test_the_model_puts_a_child_one_level_below_its_parent_of_any_status_and_refuses_past_max_depth() -> None:
+    parent = _agent("a0", "fixer", "completed", depth=2)
+    child = Specification().apply(_state(parent), Command("deploy", "t0", "a1", "builder", parent="a0"))
+    assert isinstance(child, Applied)
+    assert child.state.tasks[0].agent("a1") == _agent("a1", "builder", parent="a0", depth=3)
+    too_deep = Specification().apply(_state(parent, max_depth=2), Command("deploy", "t0", "a1", "builder",
+                                                                          parent="a0"))
+    assert isinstance(too_deep, Refused)
+    assert isinstance(Specification().apply(_state(), Command("deploy", "t0", "a1", "builder", parent="a9")),
+                      Refused)
+
+
+def test_the_model_refuses_unknown_statuses_and_any_change_to_a_terminal_agent() -> None:
+    spec = Specification()
+    assert isinstance(spec.apply(_state(_agent("a0")), Command("update", "t0", "a0", status="paused")), Refused)
+    for status in ("completed", "terminated", "error", "failed"):
+        finished = _state(_agent("a0", status=status))
+        assert isinstance(spec.apply(finished, Command("update", "t0", "a0", status="running")), Refused)
+        assert isinstance(spec.apply(finished, Command("kill", "t0", "a0")), Refused)
+
+
+def test_the_model_reconciles_only_active_agents_whose_session_is_gone() -> None:
+    state = _state(_agent("a0", session=False), _agent("a1", "fixer"), _agent("a2", "tester", "completed",
+                                                                              session=False))
+    after = Specification().apply(state, Command("reconcile", "t0"))
+    assert isinstance(after, Applied)
+    assert [a.status for a in after.state.tasks[0].agents] == ["terminated", "running", "completed"]
