@@ -110,8 +110,9 @@ def linearize(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable
             if i != j and d.complete is not None and d.complete < c.invoke:
                 must_precede[i] |= 1 << j
     full = (1 << n) - 1
-    # Trying calls in invoke order finds the witness of a well-behaved history on the first path.
-    by_invoke = sorted(range(n), key=lambda i: (calls[i].invoke, i))
+    # Try calls in the order they completed: a registry that serializes its writers (a lock) completes them in about
+    # the order it applied them, so the witness of a good history is found on the first path.
+    preferred = sorted(range(n), key=lambda i: (calls[i].complete is None, calls[i].complete or 0, calls[i].invoke, i))
     order: list[str] = []
 
     def alternatives(state: S, call: Call) -> list[Applied[S] | Refused]:
@@ -138,7 +139,7 @@ def linearize(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable
             return False
         seen.add(key)
         search.explored += 1
-        for i in by_invoke:
+        for i in preferred:
             c = calls[i]
             bit = 1 << i
             if done & bit or must_precede[i] & ~done:

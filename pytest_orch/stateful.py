@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, Phase, note, settings
+from hypothesis import HealthCheck, Phase, currently_in_test_context, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -75,8 +75,9 @@ from .linearize import Applied, Call, Refused, Search, linearize, lost
 from .tmux import QUIET_AGENT_COMMAND, kill_server, private_env
 from .tmux import apply as apply_env
 
-__all__ = ["AGENT_TYPES", "BurstFailure", "Command", "LostUpdate", "ModelMismatch", "RegistryMachine", "RegistryModel",
-           "Specification", "StepFailure", "machine_settings", "register_profiles", "run_machine", "select_profile"]
+__all__ = ["AGENT_TYPES", "AgentModel", "BurstFailure", "Command", "LostUpdate", "ModelMismatch", "RegistryMachine",
+           "RegistryModel", "Specification", "StepFailure", "TaskModel", "Verdict", "close_tmux_server",
+           "machine_settings", "register_profiles", "run_machine", "select_profile"]
 
 #: Few types, so that deduplication has something to refuse.
 AGENT_TYPES = ("investigator", "builder", "fixer", "tester")
@@ -243,6 +244,14 @@ class Command:
     status: str = ""
     progress: int = 0
     limits: tuple[int, int, int] = (0, 0, 0)
+
+    def __hash__(self) -> int:  # a key of the specification's cache, hashed at every step of the search
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.kind, self.task, self.agent, self.agent_type, self.parent, self.status, self.progress,
+                           self.limits))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     def __repr__(self) -> str:
         return str(self)
@@ -522,7 +531,15 @@ def pruner(observed: tuple[Any, ...], known: frozenset[str], opts: ViewOptions, 
     def parent_key(a: AgentModel) -> str:
         return a.parent if a.parent in known or a.parent == ORCHESTRATOR else "?"
 
+    seen: dict[RegistryModel, bool] = {}
+
     def prune(state: RegistryModel) -> bool:
+        verdict = seen.get(state)
+        if verdict is None:
+            verdict = seen[state] = contradicts(state)
+        return verdict
+
+    def contradicts(state: RegistryModel) -> bool:
         for t in state.tasks:
             for a in t.agents:
                 if a.handle not in known:
@@ -645,8 +662,8 @@ _rare: dict[type, list[str]] = {}
 
 
 @dataclass
-class _Verdict:
-    """One run of a burst (or of a serial step) and what the checker made of it."""
+class Verdict:
+    """One run of a burst (or of a serial step), the documents it left, and what the checker made of it."""
 
     commands: Sequence[Command]
     records: Sequence[Record]
@@ -895,7 +912,9 @@ class RegistryMachine(RuleBasedStateMachine):
         agents = {i: h for h, i in ids.items() if h.startswith("a")}
         return Naming(tasks, agents)
 
-    def _judge(self, commands: Sequence[Command], records: Sequence[Record]) -> _Verdict:
+    def judge(self, commands: Sequence[Command], records: Sequence[Record]) -> Verdict:
+        """Read the documents after *commands* ran (with these *records*) and search for an order that explains them.
+        """
         ids = dict(self.ids)
         for cmd, rec in zip(commands, records, strict=True):
             if cmd.kind == "deploy" and rec.outcome == "ok":
@@ -906,14 +925,22 @@ class RegistryMachine(RuleBasedStateMachine):
         self._after_step = None  # the invariants read the documents afresh, unless the step keeps this reading
         opts = replace(self.view_options, has_global=snap.glob is not None or "global" in snap.errors)
         observed = observed_view(snap, self._naming(ids), opts)
-        known = frozenset(ids)
         calls = [Call(i, cmd, rec.invoke, rec.complete, rec.outcome, rec.result)
                  for i, (cmd, rec) in enumerate(zip(commands, records, strict=True))]
-        search = linearize(calls, self.state, self.spec, lambda s: model_view(s, known, opts) == observed,
-                           prune=pruner(observed, known, opts))
-        return _Verdict(commands, records, snap, observed, search, ids, calls, opts)
+        search = self.search(calls, observed, frozenset(ids), opts)
+        return Verdict(commands, records, snap, observed, search, ids, calls, opts)
 
-    def _adopt(self, verdict: _Verdict) -> None:
+    def search(self, calls: Sequence[Call], observed: tuple[Any, ...], known: frozenset[str],
+               opts: ViewOptions) -> Search[RegistryModel]:
+        """The checker: an order of *calls* that takes the model from its state to *observed*, if there is one.
+
+        *known* are the handles whose ids the machine knows (an agent deployed by an ``info`` call is not among
+        them: it is matched by what it is, not by its id).
+        """
+        return linearize(calls, self.state, self.spec, lambda s: model_view(s, known, opts) == observed,
+                         prune=pruner(observed, known, opts))
+
+    def _adopt(self, verdict: Verdict) -> None:
         """Make the accepted final state the model's, and learn the ids of agents whose deploy was ``info``."""
         assert verdict.search.final_state is not None
         state = verdict.search.final_state
@@ -939,7 +966,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
         def run(memo: _Memo | None) -> _Checked:
             docs = self.snapshot().tasks if cmd.kind == "lose_session" else {}
-            verdict = self._judge([cmd], [timed(self.adapter, self._op(cmd, docs), 0)])
+            verdict = self.judge([cmd], [timed(self.adapter, self._op(cmd, docs), 0)])
             if not verdict.ok:
                 return _Checked(self._failure(verdict), 1, 1)
             self._adopt(verdict)
@@ -972,17 +999,18 @@ class RegistryMachine(RuleBasedStateMachine):
             fresh = self._after_step is not None and self._after_step[0] == len(self.program) - 1
             before = self._after_step[1] if fresh and self._after_step is not None else self.snapshot()
             ops = [self._op(cmd, before.tasks) for cmd in commands]
-            note("burst: " + "; ".join(f"#{i} {cmd} [{op}]" for i, (cmd, op) in enumerate(zip(commands, ops,
-                                                                                                strict=True))))
+            if currently_in_test_context():
+                note("burst: " + "; ".join(f"#{i} {cmd} [{op}]" for i, (cmd, op) in enumerate(zip(commands, ops,
+                                                                                                    strict=True))))
             hunting = memo is None and type(self)._failure_seen
-            runs: list[_Verdict] = []
+            runs: list[Verdict] = []
 
             def once() -> None:
                 if runs:
                     self._restore(save, before.alive)
                 records = pool.run(self.impl_spec, self.workspace, ops, generation=self.generation,
                                    timeout=self.timeout)
-                runs.append(self._judge(commands, records))
+                runs.append(self.judge(commands, records))
 
             once()
             if hunting and runs[-1].ok:
@@ -1023,7 +1051,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
     # -- reports --------------------------------------------------------------------------------------------------
 
-    def _lost(self, verdict: _Verdict) -> list[str]:
+    def _lost(self, verdict: Verdict) -> list[str]:
         """For each document the burst does not explain: the ok operations whose absence would explain it."""
         out = []
         known = frozenset(verdict.ids)
@@ -1042,7 +1070,7 @@ class RegistryMachine(RuleBasedStateMachine):
                            " not seen it.")
         return out
 
-    def _failure(self, verdict: _Verdict) -> ModelMismatch:
+    def _failure(self, verdict: Verdict) -> ModelMismatch:
         """The report on a run the checker rejected, as the exception to raise."""
         search, records, commands = verdict.search, verdict.records, verdict.commands
         burst = len(commands) > 1
