@@ -17,6 +17,7 @@ from typing import Any
 
 from . import model
 from .errors import CorruptRegistry, SessionError
+from .groupcommit import stale_queue_files
 from .model import Violation, is_active
 from .ops import Registry, now
 from .sessions import TmuxSessions
@@ -189,9 +190,9 @@ def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthRe
         findings.append(Finding("tmux_unreachable", f"{exc}; zombies and leaks were not checked"))
     if alive is not None:
         findings += _session_findings(tasks, alive, _unreadable_sessions(glob, findings))
-    findings += [Finding("stale_temp", f"{path} was left by a writer (pid {path.name.split('.')[-3]}) that died"
-                                       " before its rename; the registry is whole, the file is litter",
-                         path=str(path)) for path in _stale_temps(reg)]
+    findings += [Finding("stale_temp", f"{path} was left by a process that died part way through a write; the"
+                                       " registry is whole, the file is litter", path=str(path))
+                 for path in _stale_temps(reg)]
     agents = [a for t in tasks.values() for a in t["agents"]]
     return HealthReport(str(reg.base), len(tasks), len(agents), sum(1 for a in agents if is_active(a)),
                         None if alive is None else sum(1 for s in alive if s.startswith("agent_")),
@@ -199,8 +200,11 @@ def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthRe
 
 
 def _stale_temps(reg: Registry) -> list[Path]:
-    directories = [reg.base / t for t in reg.task_ids()] + [reg.global_file.path.parent]
-    return [path for d in directories if d.is_dir() for path in stale_temp_files(d)]
+    """Temp files of writers that died before their rename, and group-commit queue files of dead processes."""
+    files = [reg.task_file(t) for t in reg.task_ids()] + [reg.global_file]
+    directories = {f.path.parent for f in files}
+    return sorted([path for d in directories if d.is_dir() for path in stale_temp_files(d)]
+                  + [path for f in files for path in stale_queue_files(f.path)])
 
 
 def _backup(reg: Registry, files: list[JsonFile]) -> Path:

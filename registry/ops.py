@@ -14,6 +14,11 @@ first task registry is written: a crash after that first task write must leave s
 
 A progress report that does not change an agent's status writes the task registry only: the global registry does
 not record progress, and its ``last_update`` is refreshed whenever its entry is rewritten.
+
+Updates (progress reports and status changes, the bulk of all writes) are group-committed
+(:mod:`registry.groupcommit`): a process that finds the task's lock taken queues its update, and the holder of the
+lock applies every queued update with its own, in the same critical section and one durable write.  Each caller
+still gets its own record back, or its own error, exactly as if it had written alone.
 """
 
 from __future__ import annotations
@@ -21,17 +26,18 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import model
+from . import groupcommit, model
 from .errors import (
     DuplicateAgent,
     InvalidArgument,
     InvalidTransition,
     LimitExceeded,
+    RegistryError,
     RegistryMissing,
     SessionError,
     UnknownAgent,
@@ -40,7 +46,7 @@ from .errors import (
 )
 from .model import ACTIVE, ORCHESTRATOR, STATUSES, TERMINAL, is_active, validate_name
 from .sessions import TmuxSessions, agent_command
-from .store import JsonFile, crash_point
+from .store import JsonFile, crash_point, dumps
 
 __all__ = ["Registry", "default_base"]
 
@@ -58,6 +64,17 @@ def _limit(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InvalidArgument(f"{name} must be a whole number of at least 1, not {value!r}", name=name, value=value)
     return value
+
+
+def _check_update(status: object, message: object, progress: object) -> None:
+    if status is not None and status not in STATUSES:
+        raise InvalidTransition(f"unknown status {status!r}; a status is one of {', '.join(sorted(STATUSES))}",
+                                status=status)
+    if message is not None and not isinstance(message, str):
+        raise InvalidArgument(f"message must be a string, not {message!r}", value=message)
+    if progress is not None and (not isinstance(progress, int) or isinstance(progress, bool)
+                                 or not 0 <= progress <= 100):
+        raise InvalidArgument(f"progress must be a whole number from 0 to 100, not {progress!r}", progress=progress)
 
 
 class Registry:
@@ -143,13 +160,14 @@ class Registry:
         with task.locked(), self._global_locked():
             yield task
 
-    def _commit(self, task_file: JsonFile, task: dict[str, Any], glob: dict[str, Any]) -> None:
-        """Write the task registry, then its projection into the global registry.  Both locks are held.
+    def _commit(self, task_file: JsonFile, task: dict[str, Any], glob: dict[str, Any],
+                data: bytes | None = None) -> None:
+        """Write the task registry (*data*, if its bytes are at hand), then its projection into the global registry.
 
-        Once the task registry is written the change is made (it is the source of truth), so a failure of the
-        global write is reported as WriteFailed with ``applied`` None, never False.
+        Both locks are held.  Once the task registry is written the change is made (it is the source of truth), so
+        a failure of the global write is reported as WriteFailed with ``applied`` None, never False.
         """
-        task_file.write(task)
+        task_file.write_bytes(dumps(task) if data is None else data)
         crash_point("between_task_and_global", task_file.path)
         model.sync_global(glob, task, now())
         try:
@@ -266,40 +284,91 @@ class Registry:
         A terminal status decrements active_count exactly once; ``completed`` increments completed_count.  Raises
         InvalidTransition for an unknown status or an agent already terminal, UnknownAgent, UnknownTask.
         """
-        if status is not None and status not in STATUSES:
-            raise InvalidTransition(f"unknown status {status!r}; a status is one of {', '.join(sorted(STATUSES))}",
-                                    status=status)
-        if progress is not None and (not isinstance(progress, int) or isinstance(progress, bool)
-                                     or not 0 <= progress <= 100):
-            raise InvalidArgument(f"progress must be a whole number from 0 to 100, not {progress!r}",
-                                  progress=progress)
+        _check_update(status, message, progress)
         file = self._existing_task_file(task_id)
-        with file.locked():
-            task = self._read_task(task_id)
-            agent = self._agent(task, agent_id)
-            old = agent.get("status")
-            if old in TERMINAL:
-                raise InvalidTransition(f"agent {agent_id} is {old}; a terminal agent takes no more updates",
-                                        task_id=task_id, agent_id=agent_id, status=status)
-            stamp = now()
-            new = status or old
-            agent["last_update"] = stamp
-            if progress is not None:
-                agent["progress"] = progress
-            if message is not None:
-                agent["last_message"] = message
-            if new in TERMINAL:
-                self._finish(task, agent, new, stamp, reason=message)
-            else:
-                if old not in ACTIVE and new in ACTIVE:  # from a status the registry does not know (hand-edited)
-                    task["active_count"] = task.get("active_count", 0) + 1
-                agent["status"] = new
-            if new == old:
-                file.write(task)
-            else:
-                with self._global_locked():
-                    self._commit(file, task, self._read_global())
-            return dict(agent)
+        request = {"agent_id": agent_id, "status": status, "message": message, "progress": progress}
+        record: dict[str, Any] = groupcommit.submit(
+            file, request, lambda batch, promise: self._update_batch(task_id, file, batch, promise))
+        return record
+
+    def _update_batch(self, task_id: str, file: JsonFile, batch: groupcommit.Batch,
+                      promise: Callable[[bytes], None]) -> None:
+        """Apply the updates of *batch* (see :mod:`registry.groupcommit`) with the task lock held.
+
+        One task write for all of them; the global registry is locked only if one asks for a status, and written
+        only if one changes a status.  Should the global registry be unusable (corrupt, missing, locked too long),
+        the status changes fail with its error and the progress reports go through, as they would one by one.
+        """
+        try:
+            task, before = file.load()
+        except FileNotFoundError:
+            raise UnknownTask(f"no task {task_id} in {self.base} (there is no {file.path})", task_id=task_id) from None
+        with contextlib.ExitStack() as stack:
+            glob: dict[str, Any] | None = None
+            unusable: RegistryError | None = None
+            if any(r.payload.get("status") is not None for r in batch.requests):
+                try:
+                    stack.enter_context(self._global_locked())
+                    glob = self._read_global()
+                except RegistryError as exc:
+                    unusable = exc
+            changed = []
+            for request in batch.requests:
+                try:
+                    agent, status_changed = self._apply_update(task, unusable, request.payload)
+                except RegistryError as exc:
+                    batch.fail(request, exc)
+                    continue
+                batch.succeed(request, dict(agent))
+                if status_changed:
+                    changed.append(request)
+            data = dumps(task)
+            if data == before:  # every request failed
+                return
+            promise(data)
+            if not changed:
+                file.write_bytes(data)
+                return
+            assert glob is not None
+            try:
+                self._commit(file, task, glob, data)
+            except WriteFailed as exc:
+                if exc.applied is not None:  # the task write failed: nothing was written
+                    raise
+                for request in changed:  # the task registry holds them; the global registry is healed later
+                    batch.fail(request, exc)
+
+    def _apply_update(self, task: dict[str, Any], unusable: RegistryError | None,
+                      request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Apply one update request to *task* in memory; raise before changing anything if it cannot be applied.
+
+        The request may come from another process's queue file, so it is checked again here.
+        """
+        agent_id, status, message, progress = (request.get(k) for k in ("agent_id", "status", "message", "progress"))
+        if not isinstance(agent_id, str):
+            raise InvalidArgument(f"a queued update names no agent: {request!r}", request=request)
+        _check_update(status, message, progress)
+        agent = self._agent(task, agent_id)
+        old = agent.get("status")
+        if old in TERMINAL:
+            raise InvalidTransition(f"agent {agent_id} is {old}; a terminal agent takes no more updates",
+                                    task_id=task["task_id"], agent_id=agent_id, status=status)
+        new = status or old
+        if new != old and unusable is not None:
+            raise unusable
+        stamp = now()
+        agent["last_update"] = stamp
+        if progress is not None:
+            agent["progress"] = progress
+        if message is not None:
+            agent["last_message"] = message
+        if new in TERMINAL:
+            self._finish(task, agent, new, stamp, reason=message)
+        else:
+            if old not in ACTIVE and new in ACTIVE:  # from a status the registry does not know (hand-edited)
+                task["active_count"] = task.get("active_count", 0) + 1
+            agent["status"] = new
+        return agent, new != old
 
     def kill(self, task_id: str, agent_id: str, reason: str = "killed") -> dict[str, Any]:
         """Kill the agent's session and mark it ``terminated`` with *reason*; return its record.

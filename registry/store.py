@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from . import groupcommit
 from .errors import CorruptRegistry, LockTimeout, WriteFailed
 from .locking import FlockLock, LockBusy
 
@@ -174,22 +175,37 @@ class JsonFile:
         try:
             self._lock.acquire(timeout=wait)
         except LockBusy as exc:
-            raise LockTimeout(
-                f"could not lock {self.path} within {wait:g} s: another process holds {self.lock_path}. Nothing was"
-                " written. A flock dies with its process, so this is a live holder: retry, or raise"
-                " ORCH_LOCK_TIMEOUT if writes are legitimately slow.",
-                path=str(self.path), timeout=wait) from exc
+            raise self.timed_out(wait) from exc
         try:
             crash_point("holding_lock", self.path)
+            groupcommit.recover(self.path, self._current_bytes)
             yield
         finally:
             self._lock.release()
+
+    def timed_out(self, wait: float) -> LockTimeout:
+        """The LockTimeout for a wait of *wait* seconds that did not get the lock."""
+        return LockTimeout(
+            f"could not lock {self.path} within {wait:g} s: another process holds {self.lock_path}. Nothing was"
+            " written. A flock dies with its process, so this is a live holder: retry, or raise"
+            " ORCH_LOCK_TIMEOUT if writes are legitimately slow.", path=str(self.path), timeout=wait)
+
+    def _current_bytes(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
 
     # -- reading ------------------------------------------------------------------------------------------------
 
     def read(self) -> Any:
         """Read and parse the file without locking (the replace is atomic).  FileNotFoundError if it is missing."""
         return self._load()[0]
+
+    def load(self) -> tuple[Any, bytes]:
+        """The parsed document and the bytes it was parsed from (no lock taken).  FileNotFoundError if missing."""
+        return self._load()
 
     def _load(self) -> tuple[Any, bytes]:
         with open(self.path, "rb") as fh:

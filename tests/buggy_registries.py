@@ -48,12 +48,13 @@ class _DoubleCountingRegistry(Registry):
 
 
 class _ForgetfulRegistry(Registry):
-    def _commit(self, task_file: JsonFile, task: dict[str, Any], glob: dict[str, Any]) -> None:
+    def _commit(self, task_file: JsonFile, task: dict[str, Any], glob: dict[str, Any],
+                data: bytes | None = None) -> None:
         known = sum(1 for view in glob["agents"].values() if view.get("task_id") == task["task_id"])
         if task["task_id"] in glob["tasks"] and known == len(task["agents"]):
             task_file.write(task)  # the bug: a change of status never reaches the global registry
             return
-        super()._commit(task_file, task, glob)
+        super()._commit(task_file, task, glob, data)
 
 
 class _CheckThenActRegistry:
