@@ -9,7 +9,8 @@ import pytest
 from pytest_orch.tmux import QUIET_AGENT_COMMAND, private_server
 from registry import Registry, TmuxSessions
 
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "orchestrator-2025-10" / ".agent-workspace"
+SAMPLES = (Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "orchestrator-2025-10"
+           / ".agent-workspace")
 
 
 @pytest.fixture

@@ -82,8 +82,8 @@ def test_the_reference_loses_nothing_and_corrupts_nothing_under_random_sigkills_
           f" {'; '.join(what for _, what in faults if what.startswith('SIGKILL'))}")
 
 
-def test_legacy_fails_the_chaos_suite_with_corruption_or_lost_updates_and_lists_the_faults_in_time_order(
-        pytester: pytest.Pytester) -> None:
+def _legacy_chaos_run(pytester: pytest.Pytester) -> str:
+    """The suite against legacy under SIGKILL chaos, checked as every run must be; returns its output."""
     result = pytester.runpytest_subprocess("--pyargs", "pytest_orch.suite", "--orch-impl=legacy",
                                            "--orch-chaos=sigkill", "--orch-concurrency=10", "-k", "not stateful",
                                            "-p", "no:cacheprovider")
@@ -108,8 +108,17 @@ def test_legacy_fails_the_chaos_suite_with_corruption_or_lost_updates_and_lists_
         for _, what in lines:
             assert re.fullmatch(r"SIGKILL p\d+(: cut short \w+\(.*\)| between operations)|tmux_kill\(.*\) by p\d+",
                                 what), what
-    # Legacy's operations fail in microseconds, so its workers may be done before a kill lands: the kills that cut
-    # an operation short are shown on the reference, whose workers stay busy until the kills are done.
-    assert re.search(r"SIGKILL p\d+(: cut short| between operations)", text), text[-3000:]
     assert "replay: pytest " in text
+    return text
+
+
+def test_legacy_fails_the_chaos_suite_with_corruption_or_lost_updates_and_lists_the_faults_in_time_order(
+        pytester: pytest.Pytester) -> None:
+    # Legacy's operations fail in microseconds, so its workers may be done before a kill lands: a run whose failure
+    # reports show no kill that landed (seen once in a full-suite run) is followed by another, up to three.
+    for _ in range(3):
+        text = _legacy_chaos_run(pytester)
+        if re.search(r"SIGKILL p\d+(: cut short| between operations)", text):
+            break
+    assert re.search(r"SIGKILL p\d+(: cut short| between operations)", text), text[-3000:]
     assert "--orch-chaos=sigkill=3" in text
