@@ -75,12 +75,16 @@ class Batch:
 
     requests: list[Request]
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The errors themselves, so that the leader raises its own with its traceback.
+    errors: dict[str, RegistryError] = field(default_factory=dict)
 
     def succeed(self, request: Request, value: Any) -> None:
         self.outcomes[request.token] = {"ok": value}
+        self.errors.pop(request.token, None)
 
     def fail(self, request: Request, error: RegistryError) -> None:
         self.outcomes[request.token] = {"error": _encode_error(error)}
+        self.errors[request.token] = error
 
 
 Lead = Callable[[Batch, Callable[[bytes], None]], None]
@@ -101,7 +105,7 @@ def submit(file: JsonFile, payload: dict[str, Any], lead: Lead, timeout: float |
         with contextlib.ExitStack() as stack:
             outcome = None if _try_lock(file, stack) else _wait(file, queue, mine, stack, timeout)
             if outcome is None:
-                outcome = _lead(file, queue, mine, lead)
+                return _lead(queue, mine, lead)
     finally:
         _ring_waiting(queue)  # the lock is free now: wake whoever queued after the last batch was claimed
     return _unwrap(outcome)
@@ -140,27 +144,29 @@ def _wait(file: JsonFile, queue: Path, mine: Request, stack: contextlib.ExitStac
             delivered = mailbox.wait(POLL if wait < 0 else min(POLL, remaining))
 
 
-def _lead(file: JsonFile, queue: Path, mine: Request, lead: Lead) -> dict[str, Any]:
-    """Lead a batch of *mine* and everything queued, then up to MORE_BATCHES batches of what queued meanwhile."""
-    try:
-        outcomes = _batch(queue, [mine], lead)
-    except RegistryError as exc:
-        return {"error": _encode_error(exc)}
+def _lead(queue: Path, mine: Request, lead: Lead) -> Any:
+    """Lead a batch of *mine* and everything queued, then up to MORE_BATCHES batches of what queued meanwhile.
+
+    Returns this request's result or raises its error.
+    """
+    batch = _batch(queue, [mine], lead)
     for _ in range(MORE_BATCHES):
         try:
-            if not _batch(queue, [], lead):
+            if not _batch(queue, [], lead).requests:
                 break
         except RegistryError:  # delivered to that batch's requests; this request's outcome is in hand
             break
-    return outcomes[mine.token]
+    if mine.token in batch.errors:
+        raise batch.errors[mine.token]
+    return batch.outcomes[mine.token]["ok"]
 
 
-def _batch(queue: Path, mine: list[Request], lead: Lead) -> dict[str, dict[str, Any]]:
+def _batch(queue: Path, mine: list[Request], lead: Lead) -> Batch:
     """Apply *mine* and every claimable request in one call of *lead*; deliver the others' outcomes."""
     others = _claim(queue)
-    if not mine and not others:
-        return {}
     batch = Batch([*mine, *others])
+    if not batch.requests:
+        return batch
     promised = False
 
     def promise(data: bytes) -> None:
@@ -182,7 +188,7 @@ def _batch(queue: Path, mine: list[Request], lead: Lead) -> dict[str, dict[str, 
             _unclaim(queue, others)
         raise  # else recover() decides from the file, once this process has let go of the lock
     _deliver(queue, others, batch.outcomes, promised)
-    return batch.outcomes
+    return batch
 
 
 def recover(path: Path, current: Callable[[], bytes | None]) -> None:
