@@ -129,7 +129,8 @@ def throughput_table(infos: list[dict[str, Any]]) -> list[str]:
                   "| variant | processes | ops/s | op p99 ms | lock-wait p50 ms | lock-wait p99 ms |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for i in alternatives:
-            lines.append(f"| {i['alternative']} | {i['procs']} | {_f(i.get('ops_per_s'), ',.0f')}"
+            failed = f" ({i['error_rate']:.0%} failed)" if i.get("error_rate") else ""
+            lines.append(f"| {i['alternative']} | {i['procs']} | {_f(i.get('ops_per_s'), ',.0f')}{failed}"
                          f" | {_f(i.get('op_p99_ms'), '.1f')} | {_f(i.get('lock_wait_p50_ms'), '.2f')}"
                          f" | {_f(i.get('lock_wait_p99_ms'), '.1f')} |")
     return lines
