@@ -3,11 +3,12 @@
 A durable replace costs about as much as everything else in an update together (an fsync of the file and one of its
 directory), and it happens under the lock, so writers that each do their own replace queue up behind each other's
 fsyncs: ten processes did no more than one.  Here a writer that finds the lock taken leaves its request in the
-queue directory beside the file (``<dir>/.<name>.queue/``) and waits for the lock.  The next holder of the lock
-applies its own request and every queued one to the document it read, writes the document once, and leaves each
-queued request its outcome.  A waiter that then gets the lock finds its outcome and returns it; one whose request
-came too late for that batch leads the next one.  A writer that gets the lock at once queues nothing, so a lone
-process pays one ``listdir`` for all this.
+queue directory beside the file (``<dir>/.<name>.queue/``) and waits on a FIFO of its own (``<token>.fifo``),
+trying the lock again every POLL seconds and whenever it is woken.  The holder of the lock applies its own request
+and every queued one to the document it read, writes the document once, and writes each waiter its outcome down its
+FIFO (or to ``<token>.res`` when it does not fit one atomic pipe write); it leads a few more batches while requests
+keep coming, and when it lets go of the lock it wakes the waiters still queued, one of which leads next.  A writer
+that gets the lock at once queues nothing, so a lone process pays a ``listdir`` or two for all this.
 
 Every request is applied exactly once, or not at all, whoever dies when:
 
@@ -15,7 +16,7 @@ Every request is applied exactly once, or not at all, whoever dies when:
   up (LockTimeout) withdraws its request by unlinking the ``.req``: if that fails the request was claimed, and the
   waiter says its outcome is unknown instead of "not applied".
 * Before the durable write the leader saves the batch's outcomes together with the SHA-256 of the bytes it is about
-  to write (``batch``), and after the write it delivers them (``<token>.res``) and removes the claims and ``batch``.
+  to write (``batch``), and after the write it delivers them and removes the claims and ``batch``.
 * If the leader dies part way, the lock goes with it, and the next holder of the lock (any writer of the file:
   :meth:`registry.store.JsonFile.locked` runs :func:`recover`) looks at the file before anything else can change it.
   If it holds the bytes ``batch`` promised, the batch committed and its outcomes are delivered; otherwise nothing of
@@ -24,6 +25,7 @@ Every request is applied exactly once, or not at all, whoever dies when:
 A request whose process has died before it was claimed is dropped (its caller never saw an outcome, so not applying
 it is a legal outcome); so are the leftovers of dead processes.  All queue files are small JSON, written to a temp
 name and renamed, never fsynced: they matter only while their processes live, and the registry itself is durable.
+A request from another process is data, never code: the operation checks it again before applying it.
 """
 
 from __future__ import annotations
