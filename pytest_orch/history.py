@@ -8,7 +8,9 @@ may not have happened.  Times are ``time.monotonic_ns()``, one clock for every p
 from __future__ import annotations
 
 import os
+import sysconfig
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,14 @@ class Op:
     result: Any = None
     error: str | None = None
     fault: bool = False  # injected behind the registry's back (a tmux kill, a SIGKILL), not a registry call
+    error_type: str | None = None  # the exception class of an ``info`` outcome that raised
+    where: str | None = None  # the registry's source line it was raised from (``path:line``)
+    expected: bool = False  # an exception the adapter declares in ``expected_errors``
+
+    @property
+    def crashed(self) -> bool:
+        """The registry raised an exception it does not declare (not Rejected, not cut short by a fault)."""
+        return self.outcome == "info" and self.error_type is not None and not self.expected
 
     @property
     def agent_id(self) -> str | None:
@@ -58,6 +68,38 @@ class Op:
         return f"{self.name}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")"
 
 
+@dataclass(frozen=True)
+class Raised:
+    """What an exception raised by an adapter call says about the operation (its outcome is ``info``)."""
+
+    error: str  # ``Type: message``
+    error_type: str
+    where: str | None  # the innermost frame of the registry's own code: ``path:line``
+    expected: bool  # declared by the adapter's ``expected_errors``
+
+
+_HARNESS_DIR = str(Path(__file__).resolve().parent)
+_LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")})
+
+
+def raised(exc: BaseException, adapter: object = None) -> Raised:
+    """Classify *exc*, raised by a call to *adapter*: its type, the registry line it came from, and whether the
+    adapter declares it (``expected_errors = (LockTimeout, ...)``: exceptions it raises by design when an outcome is
+    unknown)."""
+    where = None
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = str(Path(frame.filename).resolve()) if frame.filename and not frame.filename.startswith("<") else ""
+        if path and not path.startswith(_HARNESS_DIR) and not path.startswith(_LIBRARY_DIRS):
+            try:
+                shown = os.path.relpath(path)
+            except ValueError:
+                shown = path
+            where = f"{shown if not shown.startswith('..') else path}:{frame.lineno}"
+            break
+    expected = tuple(getattr(adapter, "expected_errors", ()) or ())
+    return Raised(f"{type(exc).__name__}: {exc}", type(exc).__name__, where, isinstance(exc, expected))
+
+
 class Recorder:
     """Appends a worker's operations to its history file.  Cheap: one unbuffered write per event."""
 
@@ -76,12 +118,15 @@ class Recorder:
         os.write(self._fd, orjson.dumps(line, default=str) + b"\n")
         return index
 
-    def complete(self, index: int, outcome: Outcome, result: Any = None, error: str | None = None) -> None:
+    def complete(self, index: int, outcome: Outcome, result: Any = None, error: str | None = None,
+                 raised: Raised | None = None) -> None:
         line: dict[str, Any] = {"p": self.process, "i": index, "t": time.monotonic_ns(), "outcome": outcome}
         if result is not None:
             line["result"] = result
         if error is not None:
             line["error"] = error
+        if raised is not None:
+            line.update(etype=raised.error_type, where=raised.where, expected=raised.expected)
         os.write(self._fd, orjson.dumps(line, default=str) + b"\n")
 
     def close(self) -> None:
@@ -113,7 +158,9 @@ def read_events(paths: Iterable[Path]) -> list[Op]:
             outcome="info" if done is None else done["outcome"],
             result=None if done is None else done.get("result"),
             error="the worker died before the operation returned" if done is None else done.get("error"),
-            fault=inv.get("fault", False)))
+            fault=inv.get("fault", False), error_type=None if done is None else done.get("etype"),
+            where=None if done is None else done.get("where"),
+            expected=False if done is None else done.get("expected", False)))
     ops.sort(key=lambda op: (op.invoke_ns, op.process, op.index))
     return ops
 
@@ -179,10 +226,11 @@ class History:
     def ms(self, ns: int | None) -> str:
         return "…" if ns is None else f"{(ns - self.start_ns) / 1e6:.1f}"
 
-    def timeline(self, ops: Iterable[Op], limit: int = 30) -> str:
+    def timeline(self, ops: Iterable[Op], limit: int | None = 30) -> str:
         """A few operations, one a line: process, operation, start and end in ms from the swarm's start, outcome."""
         chosen = sorted(set(ops), key=lambda op: (op.invoke_ns, op.process, op.index))
         lines = []
+        limit = len(chosen) if limit is None else limit
         for op in chosen[:limit]:
             who = "harness" if op.process == HARNESS else f"p{op.process}"
             outcome = op.outcome + (f" -> {op.result}" if op.result is not None and op.outcome == "ok" else "")
@@ -191,5 +239,5 @@ class History:
             lines.append(f"    {who:>7}  {op.describe():<48} {self.ms(op.invoke_ns):>8} → {self.ms(op.complete_ns):>8}"
                          f" ms  {outcome}")
         if len(chosen) > limit:
-            lines.append(f"    ... and {len(chosen) - limit} more")
+            lines.append(f"    ... and {len(chosen) - limit} more (-vv shows them all)")
         return "\n".join(lines)

@@ -545,7 +545,8 @@ class Spec:
         if "max_concurrent" in self.promises and isinstance(limits["max_concurrent"], int) \
                 and active > limits["max_concurrent"]:
             v("max_concurrent", f"{active} agents are active, over max_concurrent {limits['max_concurrent']}")
-        if "max_agents" in self.promises and isinstance(limits["max_agents"], int) and len(every) > limits["max_agents"]:
+        if "max_agents" in self.promises and isinstance(limits["max_agents"], int) \
+                and len(every) > limits["max_agents"]:
             v("max_agents", f"{len(every)} agents were spawned, over max_agents {limits['max_agents']}")
         if "max_depth" in self.promises and r.hierarchy and isinstance(limits["max_depth"], int):
             for agent_id, depth in depths.items():

@@ -27,7 +27,7 @@ from typing import Any
 import multiprocess  # type: ignore[import-untyped]
 
 from .adapter import Rejected, load_factory
-from .history import History, Op, Outcome, Recorder, read_events
+from .history import History, Op, Outcome, Recorder, raised, read_events
 
 __all__ = ["SwarmError", "SwarmTimeout", "Worker", "Workload", "run_swarm"]
 
@@ -67,7 +67,8 @@ class Worker:
             self.last = "fail"
             return None
         except Exception as exc:
-            self._recorder.complete(index, "info", error=f"{type(exc).__name__}: {exc}")
+            what = raised(exc, self.adapter)
+            self._recorder.complete(index, "info", error=what.error, raised=None if fault else what)
             self.last = "info"
             return None
         self._recorder.complete(index, "ok", result if isinstance(result, str | int | float | bool) else None)

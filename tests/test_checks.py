@@ -184,7 +184,8 @@ def test_an_ok_update_after_a_completed_kill_is_impossible() -> None:
     h.op(0, "kill", 2, 3, agent_id="a")
     h.op(1, "update", 4, 5, agent_id="a", status="working", progress=5)  # a registry must refuse this
     problems = lost_updates(h.history(), final(task(agent("a", "working", 5))))
-    assert "no complete order" in problems[0].message
+    assert "no order completes: " in problems[0].message
+    assert "update(agent_id=a, status=working, progress=5) by p1" in problems[0].message  # names the impossible op
 
 
 def test_an_info_update_may_or_may_not_have_happened() -> None:
