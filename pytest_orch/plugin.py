@@ -12,7 +12,8 @@ import random
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ import pytest
 from . import options as _options
 from .adapter import load_factory
 from .checks import OrchViolation, Report, check_history, read_final
+from .conformance import verdict_for
 from .history import History
 from .options import OrchOptions
+from .spec import Spec, spec_of
 from .stateful import register_profiles, select_profile
 from .swarm import SwarmHandle, Workload, run_swarm
-from .tmux import QUIET_AGENT_COMMAND, kill_server, private_env
+from .tmux import QUIET_AGENT_COMMAND, kill_server, live_sessions, private_env
 
 # At import, before Hypothesis's own plugin reads --hypothesis-profile: the profiles dev, ci and soak.
 register_profiles()
@@ -236,6 +239,7 @@ class Swarm:
         self.registry = registry
         self.options = options
         self.histories: list[History] = []
+        self.sessions_before: frozenset[str] = frozenset()
 
     def __call__(self, workload: Workload, *, tasks: list[str] | None = None, concurrency: int | None = None,
                  ops: int | None = None, shared: dict[str, Any] | None = None,
@@ -248,6 +252,7 @@ class Swarm:
             during = random_sigkills(f"{o.seed}:{self.request.node.nodeid}:{len(self.histories)}",
                                      parse_chaos(o.chaos).sigkills)
         initial = {t: self.registry.read_task(t) for t in tasks or []}
+        self.sessions_before = frozenset(live_sessions())
         history = run_swarm(o.impl, self.workspace, workload, concurrency=concurrency or o.concurrency,
                             ops=ops or o.ops, seed=o.seed, timeout=o.timeout, label=self.request.node.nodeid,
                             shared=shared, initial=initial, during=during)
@@ -267,32 +272,62 @@ class Swarm:
         return "pytest " + " ".join(shlex.quote(a) for a in args)
 
     def check(self, history: History, *, tasks: list[str] | None = None, checks: list[str] | None = None,
-              reopen: bool = False, raise_on_problems: bool = True) -> Report:
+              reopen: bool = False, raise_on_problems: bool = True, exercises: Sequence[str] = (),
+              at_least: int = 0) -> Report:
         """Run the checks on *history* and the final documents.
 
         The documents are read through the test's adapter, opened before the swarm, so that a registry which
         repairs itself when opened cannot hide what its operations did.  After a crash, pass *reopen* to read them
-        the way a process started afterwards would (a swarm whose workers were SIGKILLed always is).  Raises
+        the way a process started afterwards would (a swarm whose workers were SIGKILLed always is).  *exercises*
+        names the operations the test is about: each must have returned ok at least once (and reconcile must have
+        reaped), and at least *at_least* operations must have succeeded, or the run is ``inconclusive``.  Raises
         OrchViolation (an AssertionError) whose message is the report, unless *raise_on_problems* is False.
         """
         __tracebackhide__ = True
         crashed = any(op.name == "sigkill" for op in history.ops)
         reader = load_factory(self.options.impl)(self.workspace) if reopen or crashed else self.registry
-        final = read_final(reader, tasks or history.task_ids())
-        report = check_history(history, final, checks=checks, replay=self.replay())
+        clock = (time.time(), time.monotonic_ns())
+        final = read_final(reader, tasks or history.task_ids(), sessions=live_sessions(),
+                           sessions_before=self.sessions_before, clock=clock)
+        report = check_history(history, final, checks=checks, replay=self.replay(), exercises=exercises,
+                               at_least=at_least)
         self.request.node.user_properties.append(("orch_check", {
             "violations": len(report.problems), "checks": sorted({p.check for p in report.problems}),
             "notes": list(report.notes)}))
         if raise_on_problems and not report.ok:
-            raise OrchViolation(report)
+            raise OrchViolation(report, full=self.request.config.get_verbosity() >= 2)
         return report
 
 
 @pytest.fixture
 def orch_swarm(request: pytest.FixtureRequest, orch_workspace: Path, orch_registry: Any,
                orch_options: OrchOptions) -> Swarm:
-    """Run a workload across N real processes started together; returns a History.  ``.check(history)`` checks."""
+    """Run a workload across N real processes started together; returns a History.  ``.check(history)`` checks.
+
+    Before the first swarm of a session the registry's contract is checked (:mod:`pytest_orch.conformance`): when
+    it does not do what its declared rules say, the test is skipped with the differences, instead of reporting
+    them as lost updates.
+    """
+    require_contract(orch_options.impl)
     return Swarm(request, orch_workspace, orch_registry, orch_options)
+
+
+def require_contract(impl: str) -> None:
+    """Skip the calling test when *impl* fails its conformance run (run once per process)."""
+    __tracebackhide__ = True
+    verdict = verdict_for(impl)
+    if not verdict.ok:
+        first = str(verdict.mismatches[0]) if verdict.mismatches else verdict.error
+        more = f" (and {len(verdict.mismatches) - 1} more: see test_the_registry_does_what_its_rules_say)" \
+            if len(verdict.mismatches) > 1 else ""
+        pytest.skip(f"the registry does not follow its declared rules, so its concurrent tests would report the"
+                    f" difference as lost updates: [contract] {first}{more}")
+
+
+@pytest.fixture
+def orch_spec(orch_registry: Any) -> Spec:
+    """The specification the registry under test is judged by: its declared ``rules``, ``promises`` and ``spec``."""
+    return spec_of(orch_registry)
 
 
 @pytest.fixture

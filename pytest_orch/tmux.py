@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
@@ -44,3 +45,21 @@ def private_server(tmux_dir: Path) -> Iterator[Path]:
     finally:
         kill_server(tmux_dir)
         apply(os.environ, {k: v or "" for k, v in saved.items()})
+
+
+def live_sessions() -> dict[str, float]:
+    """The sessions of the tmux server this process's environment points at, with when each was created (epoch
+    seconds); empty when no server runs.  Raises OSError when tmux answers with an error of another kind."""
+    proc = subprocess.run(["tmux", "list-sessions", "-F", "#{session_created} #{session_name}"], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        gone = ("no server running", "No such file", "error connecting", "no current session")
+        if any(text in proc.stderr for text in gone):
+            return {}
+        raise OSError(f"tmux list-sessions failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    out = {}
+    for line in proc.stdout.splitlines():
+        created, _, name = line.partition(" ")
+        if name:
+            out[name] = float(created) if created.isdigit() else 0.0
+    return out
