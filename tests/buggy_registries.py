@@ -6,10 +6,27 @@ Each factory takes a workspace and returns an adapter, so a test names them as `
 from __future__ import annotations
 
 import contextlib
+import json
+import random
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import multiprocess  # type: ignore[import-untyped]
+from correct_registries import (
+    IdempotentKill,
+    Plain,
+    Projects,
+    ReapRunning,
+    TaskRegistry,
+    TerminalNotFinal,
+    WithGlobal,
+    live_sessions,
+    locked,
+    read_json,
+    start_session,
+)
 
 from pytest_orch.adapter import ReferenceAdapter
 from registry import model
@@ -152,3 +169,156 @@ def forgetful(workspace: Path) -> ReferenceAdapter:
 def check_then_act(workspace: Path) -> _CheckThenActRegistry:
     """Checks deduplication and limits outside the lock: duplicates and broken limits under concurrency."""
     return _CheckThenActRegistry(workspace)
+
+
+# -- registries written from the contract (tests/correct_registries.py), each with one bug injected ------------------
+
+
+class _LostWriteUpdate(TaskRegistry):
+    def update(self, task_id: str, agent_id: str, status: str, progress: int) -> None:
+        path = self._path(task_id)
+        doc = read_json(path)  # the bug: the read is taken without the lock...
+        agent = self._set_status(doc, agent_id, status, progress)
+        with locked(path):
+            self._commit(path, doc, [agent])  # ...and written back under it, over whatever happened in between
+
+
+class _IdempotentKillLostWrite(_LostWriteUpdate, IdempotentKill):
+    pass
+
+
+class _ReapRunningLostWrite(_LostWriteUpdate, ReapRunning):
+    pass
+
+
+class _TerminalNotFinalLostWrite(_LostWriteUpdate, TerminalNotFinal):
+    pass
+
+
+def idempotent_kill_lost_write(workspace: Path) -> _IdempotentKillLostWrite:
+    """correct_registries:idempotent_kill (declaring its rules), but update reads outside the lock: lost updates."""
+    return _IdempotentKillLostWrite(workspace)
+
+
+def reap_running_to_completed_lost_write(workspace: Path) -> _ReapRunningLostWrite:
+    """correct_registries:reap_running_to_completed, but update reads outside the lock: lost updates."""
+    return _ReapRunningLostWrite(workspace)
+
+
+def terminal_not_final_lost_write(workspace: Path) -> _TerminalNotFinalLostWrite:
+    """correct_registries:terminal_not_final, but update reads outside the lock: lost updates."""
+    return _TerminalNotFinalLostWrite(workspace)
+
+
+class _ProjectsFlushAfterUnlock(Projects):
+    def __init__(self, workspace: Path) -> None:
+        super().__init__(workspace)
+        self._unflushed: list[IO[str]] = []
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            with locked(self.path):
+                yield
+        finally:
+            for fh in self._unflushed:
+                fh.close()  # the bug: the write reaches the file only now, after the lock is released
+            self._unflushed.clear()
+
+    def _save(self, doc: dict[str, Any]) -> None:
+        fh = open(self.path, "w")  # noqa: SIM115 - in place: truncated now, filled at close
+        json.dump(doc, fh, indent=2)
+        self._unflushed.append(fh)
+
+
+class _ProjectsLostWrite(Projects):
+    def update(self, task_id: str, agent_id: str, status: str, progress: int) -> None:
+        doc = self._load()  # the bug: the read is taken without the lock...
+        self._command(doc, task_id, agent_id, status)
+        with self._locked():
+            self._save(doc)  # ...and written back under it
+
+
+def projects_flush_after_unlock(workspace: Path) -> _ProjectsFlushAfterUnlock:
+    """correct_registries:projects, but writes in place and flushes after unlocking: readers see torn files."""
+    return _ProjectsFlushAfterUnlock(workspace)
+
+
+def projects_lost_write(workspace: Path) -> _ProjectsLostWrite:
+    """correct_registries:projects, but update reads outside the lock: lost updates (and lost inserts)."""
+    return _ProjectsLostWrite(workspace)
+
+
+class _ReconcileAlwaysRaises(Plain):
+    def reconcile(self, task_id: str) -> None:
+        raise RuntimeError("reconcile is broken")  # the bug
+
+
+def reconcile_always_raises(workspace: Path) -> _ReconcileAlwaysRaises:
+    """correct_registries:plain, but every reconcile raises RuntimeError (issue 18)."""
+    return _ReconcileAlwaysRaises(workspace)
+
+
+def in_swarm_worker() -> bool:
+    """Whether this process is a swarm worker: the swarm forks them with ``multiprocess``, named ``orch-worker-N``."""
+    return str(multiprocess.current_process().name).startswith("orch-worker-")
+
+
+class _DeployCrashesSometimes(Plain):
+    def __init__(self, workspace: Path) -> None:
+        super().__init__(workspace)
+        self._rng = random.Random()  # seeded from the OS in each process, so workers do not crash in step
+
+    def deploy(self, task_id: str, agent_type: str, parent: str = "orchestrator") -> str:
+        if in_swarm_worker() and self._rng.random() < 1 / 3:  # the bug, before anything is written
+            raise json.JSONDecodeError("Expecting value", "", 0)
+        return super().deploy(task_id, agent_type, parent)
+
+
+def deploy_crashes_sometimes(workspace: Path) -> _DeployCrashesSometimes:
+    """correct_registries:plain, but a third of deploys in swarm workers raise JSONDecodeError, writing nothing."""
+    return _DeployCrashesSometimes(workspace)
+
+
+class _LeaksSessionOnRefusal(Plain):
+    def deploy(self, task_id: str, agent_type: str, parent: str = "orchestrator") -> str:
+        path = self._path(task_id)
+        agent_id = f"{agent_type}-{secrets.token_hex(3)}"
+        start_session(f"agent_{agent_id}")  # the bug: the session starts before the checks, and outlives a refusal
+        with locked(path):
+            doc = read_json(path)
+            depth = self._admit(doc, agent_type, parent)
+            agent = self._register(doc, agent_id, agent_type, parent, depth)
+            self._commit(path, doc, [agent])
+        return agent_id
+
+
+def leaks_session_on_refusal(workspace: Path) -> _LeaksSessionOnRefusal:
+    """correct_registries:plain, but a refused deploy leaves the tmux session it started running."""
+    return _LeaksSessionOnRefusal(workspace)
+
+
+class _ReconcileListsBeforeLock(Plain):
+    def reconcile(self, task_id: str) -> None:
+        path = self._path(task_id)
+        live = live_sessions()  # the bug: listed before the lock; an agent deployed meanwhile is not in it
+        with locked(path):
+            doc = read_json(path)
+            reaped = self._reap(doc, live)
+            if reaped:
+                self._commit(path, doc, reaped)
+
+
+def reconcile_lists_before_lock(workspace: Path) -> _ReconcileListsBeforeLock:
+    """correct_registries:plain, but reconcile lists sessions before locking: agents deployed meanwhile are reaped."""
+    return _ReconcileListsBeforeLock(workspace)
+
+
+class _GlobalLockDropped(WithGlobal):
+    def _global_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the bug: the global file's read-modify-write runs without its lock
+
+
+def global_lock_dropped(workspace: Path) -> _GlobalLockDropped:
+    """correct_registries:with_global, but the global file is updated without its lock: global entries get lost."""
+    return _GlobalLockDropped(workspace)
