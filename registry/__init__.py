@@ -15,6 +15,7 @@ from .errors import (
     SessionError,
     UnknownAgent,
     UnknownTask,
+    UnsafePath,
     WriteFailed,
 )
 from .health import Finding, HealthReport, RepairReport, check, repair
@@ -43,6 +44,7 @@ __all__ = [
     "TmuxSessions",
     "UnknownAgent",
     "UnknownTask",
+    "UnsafePath",
     "Violation",
     "WriteFailed",
     "check",

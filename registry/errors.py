@@ -11,6 +11,8 @@
     ├── LockTimeout(TimeoutError)        the lock could not be had in time; nothing was written
     ├── CorruptRegistry(ValueError)      a registry file that does not parse, or has the wrong shape
     ├── RegistryMissing(FileNotFoundError)  the global registry is gone while tasks exist
+    ├── UnsafePath(OSError)              a symlink or a stray where a registry file, backup, lock, queue or
+    │                                    task directory belongs, or a lock that cannot be opened; nothing was written
     ├── SessionError(OSError)            tmux could not start, kill or list sessions
     └── WriteFailed(OSError)             the durable write failed part way: the change may or may not be on disk
 
@@ -111,6 +113,16 @@ class CorruptRegistry(RegistryError, ValueError):
 
 class RegistryMissing(RegistryError, FileNotFoundError):
     """The global registry is missing although task registries exist."""
+
+
+class UnsafePath(RegistryError, OSError):
+    """A registry path that is not what the registry put there (a symlink, a directory where a file belongs, a file
+    where a directory belongs), or that cannot be opened.  It was not followed, and nothing was written.
+
+    ``path`` is the offending path.
+    """
+
+    path: str = ""
 
 
 class SessionError(RegistryError, OSError):

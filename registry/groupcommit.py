@@ -26,6 +26,11 @@ A request whose process has died before it was claimed is dropped (its caller ne
 it is a legal outcome); so are the leftovers of dead processes.  All queue files are small JSON, written to a temp
 name and renamed, never fsynced: they matter only while their processes live, and the registry itself is durable.
 A request from another process is data, never code: the operation checks it again before applying it.
+
+The queue directory is never followed through a symlink.  When something else is where it belongs (a symlink, a
+stray regular file), group commit stands aside: a writer that finds the lock taken waits for the lock itself, as
+it would without group commit, and nothing is queued, claimed or recovered there; ``orch-registry check`` reports
+the stray.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import hashlib
 import os
 import secrets
 import select
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +119,26 @@ def submit(file: JsonFile, payload: dict[str, Any], lead: Lead, timeout: float |
     return _unwrap(outcome)
 
 
+def usable(queue: Path) -> bool:
+    """Whether *queue* is a real directory, or missing (then it is created when needed)."""
+    try:
+        return stat.S_ISDIR(os.lstat(queue).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def _names(queue: Path) -> list[str]:
+    """The entries of the queue directory; none when it is missing, or not a real directory."""
+    try:
+        fd = os.open(queue, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # missing (ENOENT), a stray file (ENOTDIR), a symlink (ELOOP): nothing queued here
+        return []
+    try:
+        return os.listdir(fd)  # noqa: PTH208 (by descriptor: the directory opened without following a link)
+    finally:
+        os.close(fd)
+
+
 def _try_lock(file: JsonFile, stack: contextlib.ExitStack) -> bool:
     try:
         stack.enter_context(file.locked(0))
@@ -124,6 +150,9 @@ def _try_lock(file: JsonFile, stack: contextlib.ExitStack) -> bool:
 def _wait(file: JsonFile, queue: Path, mine: Request, stack: contextlib.ExitStack,
           timeout: float | None) -> dict[str, Any] | None:
     """Queue *mine* and wait until a leader delivers its outcome (returned), or the lock is had (None: lead)."""
+    if not usable(queue):  # a stray where the queue belongs: wait for the lock itself
+        stack.enter_context(file.locked(timeout))
+        return None
     wait = file.lock_timeout if timeout is None else timeout
     deadline = time.monotonic() + wait
     with _Mailbox(queue, mine.token) as mailbox:
@@ -199,10 +228,7 @@ def recover(path: Path, current: Callable[[], bytes | None]) -> None:
     *current* reads the file's bytes (None if it is missing).  Cheap when there is nothing to do: one failed stat.
     """
     queue = queue_dir(path)
-    try:
-        claimed = [Request(p.name[:-len(".claimed")], {}) for p in queue.iterdir() if p.name.endswith(".claimed")]
-    except FileNotFoundError:
-        return
+    claimed = [Request(n[:-len(".claimed")], {}) for n in _names(queue) if n.endswith(".claimed")]
     if not claimed:
         return
     record = _read_json(queue / BATCH)
@@ -221,10 +247,7 @@ def recover(path: Path, current: Callable[[], bytes | None]) -> None:
 def stale_queue_files(path: Path) -> list[Path]:
     """Queue files of *path* whose process is gone (leftovers of crashes; ``orch-registry repair`` removes them)."""
     queue = queue_dir(path)
-    try:
-        names = [p.name for p in queue.iterdir()]
-    except FileNotFoundError:
-        return []
+    names = _names(queue)
     claims = any(n.endswith(".claimed") for n in names)
     return sorted(queue / n for n in names if (not claims if n == BATCH else not _alive(n)))
 
@@ -242,12 +265,8 @@ def _put(queue: Path, request: Request) -> None:
 
 def _claim(queue: Path) -> list[Request]:
     """Claim every request waiting in *queue*, oldest first; drop those of dead processes and other leftovers."""
-    try:
-        names = [p.name for p in queue.iterdir()]
-    except FileNotFoundError:
-        return []
     found = []
-    for name in names:
+    for name in _names(queue):
         if name == BATCH:
             continue
         path = queue / name
@@ -352,11 +371,7 @@ def _post(queue: Path, token: str, data: bytes) -> bool:
 
 def _ring_waiting(queue: Path) -> None:
     """Wake every waiter whose request is still queued, unclaimed."""
-    try:
-        names = [p.name for p in queue.iterdir()]
-    except FileNotFoundError:
-        return
-    for name in names:
+    for name in _names(queue):
         if name.endswith(".req"):
             _post(queue, name[:-len(".req")], b"\0")
 

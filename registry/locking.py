@@ -11,25 +11,36 @@ A blocking ``flock`` has no timeout, so when the lock is busy the wait is bounde
 - In the main thread, when nobody else uses SIGALRM (no handler, no timer running: pytest-timeout's signal method,
   for one, installs a handler), an interval timer interrupts the blocking ``flock``.  The alarm may fire just after
   the ``flock`` succeeded; then asking again on the same descriptor tells which it was.
-- Otherwise a waiter thread does the blocking ``flock`` on the descriptor while the caller waits for it with a
-  timeout.  If the caller gives up first, the waiter still gets the lock eventually, releases it at once and closes
-  its descriptor.  Starting a thread for every contended wait costs more (about 15-40% of the throughput at 10
-  processes), hence the first way where it is safe.
+- Otherwise the caller polls: a non-blocking ``flock`` every 0.1 ms at first, backing off to every POLL_MAX.  A
+  blocking ``flock`` in a helper thread would be woken at release, but nothing can interrupt it in a thread that is
+  not the main one, so every wait given up would leave a thread and a descriptor behind until the holder let go
+  (50 timeouts against a stopped holder: 50 threads).  A poll leaves nothing behind when it gives up.
 
 Either way nobody ever proceeds without the lock, and an abandoned wait never leaks it.
 
 The lock file is created if missing and never unlinked: unlinking would let two processes lock two different inodes.
+It is opened without following a symlink, in a directory that must not be one either, and must be a regular file:
+a symlink, a directory or a FIFO where the lock belongs is refused with :class:`registry.errors.UnsafePath`, as is
+any other failure to open it (naming the file and the fix), and never followed or created through.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
+import stat
 import threading
+import time
 from pathlib import Path
 
 from filelock import lock_descriptor
+
+from .errors import UnsafePath
+
+#: The longest sleep between two tries of a polled wait (see the module docstring).
+POLL_MAX = 0.005
 
 
 class LockBusy(TimeoutError):
@@ -55,7 +66,7 @@ class FlockLock:
     def acquire(self, timeout: float) -> None:
         if self.is_locked:
             raise RuntimeError(f"{self.path} is already locked by this thread")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(Path(self.path))
         try:
             if lock_descriptor(fd, blocking=False):
                 self._held.fd = fd
@@ -72,7 +83,7 @@ class FlockLock:
         if _alarm_is_free():
             self._held.fd = _wait_with_alarm(fd, timeout, self.path)
         else:
-            self._held.fd = _wait_in_thread(fd, timeout, self.path)
+            self._held.fd = _wait_polling(fd, timeout, self.path)
 
     def release(self) -> None:
         fd, self._held.fd = getattr(self._held, "fd", None), None
@@ -127,38 +138,58 @@ def _wait_with_alarm(fd: int, timeout: float, path: str) -> int:
     raise LockBusy(path)
 
 
-def _wait_in_thread(fd: int, timeout: float, path: str) -> int:
-    """Block in ``flock`` on *fd* in a thread; return *fd* once locked, or raise LockBusy after *timeout*.
+def _wait_polling(fd: int, timeout: float, path: str) -> int:
+    """Try to lock *fd* until *timeout* has passed, sleeping a little longer after each try; return *fd* once locked.
 
-    From the moment the thread starts, *fd* belongs to whoever ends up with the lock: the caller, or (if the caller
-    gave up) the thread, which then unlocks and closes it.
+    On LockBusy (or any other error) *fd* is closed: nothing outlives the wait.
     """
-    got = threading.Event()
-    handover = threading.Lock()
-    state = {"abandoned": False}
-    errors: list[OSError] = []
-
-    def wait() -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            errors.append(exc)
-            got.set()
-            return
-        with handover:
-            if not state["abandoned"]:
-                got.set()
-                return
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    deadline = time.monotonic() + timeout
+    delay = 0.0001
+    try:
+        while not lock_descriptor(fd, blocking=False):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockBusy(path)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, POLL_MAX)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
-    threading.Thread(target=wait, name=f"flock {path}", daemon=True).start()
-    got.wait(timeout)
-    with handover:
-        if got.is_set():
-            if errors:
-                os.close(fd)
-                raise errors[0]
-            return fd
-        state["abandoned"] = True
-    raise LockBusy(path)
+
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file *path*, created if missing, opened without following a symlink.
+
+    FileNotFoundError when its directory is missing; UnsafePath for anything that is not a regular file in a real
+    directory (the directory is looked at first, and the open itself follows no symlink), or that cannot be opened.
+    """
+    try:
+        if not stat.S_ISDIR(os.lstat(path.parent).st_mode):
+            raise OSError(errno.ENOTDIR, "not a directory")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _unusable(path.parent, exc, "the lock's directory") from exc
+    try:
+        fd = os.open(path, _LOCK_FLAGS, 0o644)
+    except OSError as exc:
+        raise _unusable(path, exc, "the lock") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{path} is not a regular file, where the registry keeps its lock file. Nothing was"
+                         " written; move it out of the way (the registry recreates the lock).", path=str(path))
+    return fd
+
+
+def _unusable(path: Path, exc: OSError, what: str) -> UnsafePath:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENXIO):
+        reason = ("is a symlink" if path.is_symlink() else "is not a regular file" if what == "the lock"
+                  else "is not a directory")
+        return UnsafePath(f"{path} {reason}, where the registry keeps {what}. It was not followed and nothing was"
+                          " written; move it out of the way.", path=str(path), errno=exc.errno)
+    return UnsafePath(f"cannot open {path}, {what}: {exc.strerror or exc}. Nothing was written; fix its permissions"
+                      " or free space, then retry.", path=str(path), errno=exc.errno)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,20 @@ def validate_name(kind: str, value: object) -> str:
             " (it becomes a directory name and part of a tmux session name)",
             kind=kind, value=value)
     return value
+
+
+#: What an agent id adds to its type: ``-HHMMSS-`` and 6 hex digits.
+ID_SUFFIX = 14
+
+
+def agent_id_prefix(agent_type: str) -> str:
+    """The part of a new agent's id taken from its (valid) type: the type, cut so that the id fits MAX_NAME."""
+    return agent_type[:MAX_NAME - ID_SUFFIX]
+
+
+def is_valid_name(value: object) -> bool:
+    """Whether :func:`validate_name` takes *value*."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME and _SAFE_NAME.fullmatch(value) is not None
 
 
 def session_name(agent_id: str) -> str:
@@ -176,27 +190,86 @@ class Violation:
         return self.message
 
 
-def task_shape_problems(doc: object) -> list[str]:
-    """What is wrong with the shape of a task document, or nothing.  Used to refuse a file before trusting it."""
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a whole number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+#: Optional fields of an agent the registry reads, and the check each must pass when present.
+_AGENT_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "status": (lambda v: v is None or isinstance(v, str), "a string"),
+    "type": (lambda v: v is None or isinstance(v, str), "a string"),
+    "parent": (lambda v: v is None or isinstance(v, str), "a string"),
+    "tmux_session": (lambda v: v is None or isinstance(v, str), "a string"),
+    "depth": (_is_int, "a whole number"),
+    "progress": (lambda v: v is None or _is_number(v), "a number"),
+}
+_TASK_INTS = ("max_agents", "max_depth", "max_concurrent", "total_spawned", "active_count", "completed_count")
+_TASK_STRINGS = ("task_description", "status")
+_GLOBAL_INTS = ("total_tasks", "active_tasks", "total_agents_spawned", "active_agents", "max_concurrent_agents")
+_VIEW_FIELDS = {key: _AGENT_FIELDS[key] for key in ("status", "type", "parent", "tmux_session")}
+_VIEW_FIELDS["task_id"] = (lambda v: v is None or isinstance(v, str), "a string")
+
+
+def _field_problems(where: str, doc: Mapping[str, Any],
+                    checks: Mapping[str, tuple[Callable[[object], bool], str]]) -> list[str]:
+    return [f"{where} has '{key}' {_kind(doc[key])}, not {want}"
+            for key, (ok, want) in checks.items() if key in doc and not ok(doc[key])]
+
+
+def _agent_problems(index: int, agent: object) -> list[str]:
+    if not isinstance(agent, dict):
+        return [f"agents[{index}] is {_kind(agent)}, not an object with a string 'id'"]
+    agent_id = agent.get("id")
+    if not isinstance(agent_id, str) or not agent_id:
+        return [f"agents[{index}] is not an object with a string 'id'"]
+    return _field_problems(f"agent {agent_id!r}", agent, _AGENT_FIELDS)
+
+
+def _hierarchy_problems(hierarchy: object) -> list[str]:
+    if not isinstance(hierarchy, dict):
+        return [f"'agent_hierarchy' is {_kind(hierarchy)}, not an object"]
+    return [f"agent_hierarchy[{parent!r}] is not a list of agent ids" for parent, children in hierarchy.items()
+            if not isinstance(children, list) or not all(isinstance(c, str) for c in children)]
+
+
+def task_shape_problems(doc: object, task_id: str | None = None) -> list[str]:
+    """What is wrong with the shape or the types of a task document, or nothing.  Used to refuse a file before
+    trusting it: every field the registry reads is checked.  *task_id*: the id the document must hold (the name of
+    its directory)."""
     if not isinstance(doc, dict):
         return [f"the document is a JSON {type(doc).__name__}, not an object"]
     problems = []
     if not isinstance(doc.get("task_id"), str):
         problems.append("'task_id' is missing or not a string")
+    elif task_id is not None and doc["task_id"] != task_id:
+        problems.append(f"'task_id' is {doc['task_id']!r}, but the file is the registry of task {task_id} (the"
+                        " name of its directory)")
     agents = doc.get("agents")
     if not isinstance(agents, list):
         problems.append("'agents' is missing or not a list")
-    elif not all(isinstance(a, dict) and isinstance(a.get("id"), str) for a in agents):
-        problems.append("an entry of 'agents' is not an object with a string 'id'")
-    if "agent_hierarchy" in doc and not isinstance(doc["agent_hierarchy"], dict):
-        problems.append("'agent_hierarchy' is not an object")
-    for key in ("max_agents", "max_depth", "max_concurrent"):
-        if key in doc and not isinstance(doc[key], int):
-            problems.append(f"'{key}' is not an integer")
+    else:
+        for index, agent in enumerate(agents):
+            problems += _agent_problems(index, agent)
+    if "agent_hierarchy" in doc:
+        problems += _hierarchy_problems(doc["agent_hierarchy"])
+    problems += [f"'{key}' is {_kind(doc[key])}, not a whole number" for key in _TASK_INTS
+                 if key in doc and not _is_int(doc[key])]
+    problems += [f"'{key}' is {_kind(doc[key])}, not a string" for key in _TASK_STRINGS
+                 if doc.get(key) is not None and not isinstance(doc[key], str)]
     return problems
 
 
 def global_shape_problems(doc: object) -> list[str]:
+    """What is wrong with the shape or the types of the global document, or nothing."""
     if not isinstance(doc, dict):
         return [f"the document is a JSON {type(doc).__name__}, not an object"]
     problems = []
@@ -204,6 +277,15 @@ def global_shape_problems(doc: object) -> list[str]:
         value = doc.get(key)
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
             problems.append(f"'{key}' is missing or not an object of objects")
+        elif key == "agents":
+            for agent_id, view in value.items():
+                problems += _field_problems(f"agents[{agent_id!r}]", view, _VIEW_FIELDS)
+        else:
+            problems += [f"tasks[{task_id!r}] has '{k}' {_kind(entry[k])}, not a string" for task_id, entry in
+                         value.items() for k in ("description", "status")
+                         if entry.get(k) is not None and not isinstance(entry[k], str)]
+    problems += [f"'{key}' is {_kind(doc[key])}, not a whole number" for key in _GLOBAL_INTS
+                 if key in doc and not _is_int(doc[key])]
     return problems
 
 

@@ -24,6 +24,7 @@ still gets its own record back, or its own error, exactly as if it had written a
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -46,7 +47,7 @@ from .errors import (
 )
 from .model import ACTIVE, ORCHESTRATOR, STATUSES, TERMINAL, is_active, validate_name
 from .sessions import TmuxSessions, agent_command
-from .store import JsonFile, crash_point, dumps
+from .store import JsonFile, check_lock_timeout, crash_point, dumps, make_dirs
 
 __all__ = ["Registry", "default_base"]
 
@@ -66,8 +67,14 @@ def _limit(name: str, value: object) -> int:
     return value
 
 
+def _text(name: str, value: object, *, optional: bool = False) -> None:
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise InvalidArgument(f"{name} must be a string{' or None' if optional else ''}, not {value!r}", name=name,
+                              value=value)
+
+
 def _check_update(status: object, message: object, progress: object) -> None:
-    if status is not None and status not in STATUSES:
+    if status is not None and (not isinstance(status, str) or status not in STATUSES):
         raise InvalidTransition(f"unknown status {status!r}; a status is one of {', '.join(sorted(STATUSES))}",
                                 status=status)
     if message is not None and not isinstance(message, str):
@@ -94,8 +101,9 @@ class Registry:
                  agent_command: str | None = None, lock_timeout: float | None = None, heal: bool = True) -> None:
         self.base = Path(base if base is not None else default_base()).absolute()
         self.sessions = sessions if sessions is not None else TmuxSessions()
+        _text("agent_command", agent_command, optional=True)
         self.agent_command = agent_command
-        self.lock_timeout = lock_timeout
+        self.lock_timeout = check_lock_timeout(lock_timeout)
         self._files: dict[str, JsonFile] = {}
         self.global_file = JsonFile(self.base / model.GLOBAL_DIR / model.GLOBAL_FILE,
                                     validate=model.global_shape_problems, lock_timeout=lock_timeout)
@@ -111,16 +119,30 @@ class Registry:
         file = self._files.get(task_id)
         if file is None:
             validate_name("task id", task_id)
-            file = JsonFile(self.base / task_id / model.TASK_FILE, validate=model.task_shape_problems,
+            file = JsonFile(self.base / task_id / model.TASK_FILE,
+                            validate=functools.partial(model.task_shape_problems, task_id=task_id),
                             lock_timeout=self.lock_timeout)
             self._files[task_id] = file
         return file
 
     def task_ids(self) -> list[str]:
-        """Ids of every task registry in the workspace, sorted."""
-        if not self.base.is_dir():
+        """Ids of every task registry in the workspace, sorted.
+
+        Only real directories with a valid name count: a symlink, or a directory whose name is not a task id, is a
+        stray that every operation skips and ``orch-registry check`` reports (see :meth:`strays`).
+        """
+        return sorted(name for name, path in self._task_like() if model.is_valid_name(name) and not path.is_symlink())
+
+    def strays(self) -> list[Path]:
+        """Entries of the workspace that look like task registries but are not: a symlink, or a bad name."""
+        return sorted(path for name, path in self._task_like() if not model.is_valid_name(name) or path.is_symlink())
+
+    def _task_like(self) -> list[tuple[str, Path]]:
+        try:
+            entries = list(os.scandir(self.base))
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(p.name for p in self.base.iterdir() if (p / model.TASK_FILE).is_file())
+        return [(e.name, Path(e.path)) for e in entries if os.path.lexists(Path(e.path) / model.TASK_FILE)]
 
     def _read_task(self, task_id: str) -> dict[str, Any]:
         file = self.task_file(task_id)
@@ -187,6 +209,9 @@ class Registry:
         """Create a task registry and register it in the global registry; return its id."""
         limits = {"max_agents": _limit("max_agents", max_agents), "max_depth": _limit("max_depth", max_depth),
                   "max_concurrent": _limit("max_concurrent", max_concurrent)}
+        _text("description", description)
+        _text("priority", priority)
+        _text("client_cwd", client_cwd, optional=True)
         stamp = now()
         if task_id is None:
             task_id = f"TASK-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
@@ -198,10 +223,10 @@ class Registry:
                 self._read_global()  # raises RegistryMissing: never start a new global over existing tasks
             # The global registry exists before the first task does, so a crash between the task write and the
             # global write leaves a global registry that heal() can bring up to date.
-            self.global_file.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.global_file.path.parent)
             with self.global_file.transaction(default=lambda: model.new_global_document(stamp)):
                 pass
-        file.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(file.path.parent)
         with file.locked(), self.global_file.locked():
             if file.path.exists():
                 raise InvalidArgument(f"task {task_id} already exists in {self.base}", task_id=task_id)
@@ -223,59 +248,76 @@ class Registry:
         validate_name("agent type", agent_type)
         if parent != ORCHESTRATOR:
             validate_name("parent", parent)
+        _text("prompt", prompt)
         with self._both_locked(task_id) as file:
             task = self._read_task(task_id)
             glob = self._read_global()
-            agents: list[dict[str, Any]] = task["agents"]
-            active = [a for a in agents if is_active(a)]
-            for other in active:
-                if other.get("type") == agent_type:
-                    raise DuplicateAgent(
-                        f"task {task_id} already has an active {agent_type} agent, {other['id']} ({other['status']});"
-                        " finish or kill it before deploying another", task_id=task_id, existing=other["id"])
-            max_agents = task.get("max_agents", model.DEFAULT_MAX_AGENTS)
-            if len(agents) >= max_agents:
-                raise LimitExceeded(f"task {task_id} has spawned {len(agents)} agents, its max_agents is {max_agents}",
-                                    task_id=task_id, limit="max_agents")
-            max_concurrent = task.get("max_concurrent", model.DEFAULT_MAX_CONCURRENT)
-            if len(active) >= max_concurrent:
-                raise LimitExceeded(f"task {task_id} has {len(active)} active agents, its max_concurrent is"
-                                    f" {max_concurrent}", task_id=task_id, limit="max_concurrent")
-            if parent == ORCHESTRATOR:
-                depth = 1
-            else:
-                parent_agent = next((a for a in agents if a["id"] == parent), None)
-                if parent_agent is None:
-                    raise UnknownAgent(f"parent {parent} is not an agent of task {task_id}", task_id=task_id,
-                                       agent_id=parent)
-                depth = int(parent_agent.get("depth", 1)) + 1
-            max_depth = task.get("max_depth", model.DEFAULT_MAX_DEPTH)
-            if depth > max_depth:
-                raise LimitExceeded(f"a child of {parent} would be at depth {depth}; task {task_id} has max_depth"
-                                    f" {max_depth}", task_id=task_id, limit="max_depth")
-            taken = {a["id"] for a in agents} | set(glob["agents"])
-            agent_id = f"{agent_type}-{datetime.now():%H%M%S}-{secrets.token_hex(3)}"
-            while agent_id in taken:
-                agent_id = f"{agent_type}-{datetime.now():%H%M%S}-{secrets.token_hex(3)}"
-
+            depth = self._deploy_depth(task, agent_type, parent)
+            taken = {a["id"] for a in task["agents"]} | set(glob["agents"])
+            agent_id = self._new_agent_id(agent_type, taken)
             session = model.session_name(agent_id)
-            command = agent_command(self.agent_command, base=self.base, task_id=task_id, agent_id=agent_id)
-            self.sessions.start(session, command, {"ORCH_WORKSPACE": str(self.base)})
             stamp = now()
             agent = {"id": agent_id, "type": agent_type, "tmux_session": session, "parent": parent, "depth": depth,
                      "status": "running", "started_at": stamp, "progress": 0, "last_update": stamp, "prompt": prompt}
-            agents.append(agent)
-            task.setdefault("agent_hierarchy", {}).setdefault(parent, []).append(agent_id)
-            task["total_spawned"] = task.get("total_spawned", 0) + 1
-            task["active_count"] = task.get("active_count", 0) + 1
+            self._register(task, agent)
+            data = dumps(task)  # everything that can fail before the session starts has failed by now
+            command = agent_command(self.agent_command, base=self.base, task_id=task_id, agent_id=agent_id)
+            self.sessions.start(session, command, {"ORCH_WORKSPACE": str(self.base)})
             try:
-                self._commit(file, task, glob)
+                self._commit(file, task, glob, data)
             except BaseException:
                 if not self._on_disk(file, agent_id):  # not registered: the session must not outlive the failure
                     with contextlib.suppress(SessionError):
                         self.sessions.kill(session)
                 raise
             return dict(agent)
+
+    @staticmethod
+    def _deploy_depth(task: dict[str, Any], agent_type: str, parent: str) -> int:
+        """The depth of a new *agent_type* agent under *parent*; raise if deduplication or a limit refuses it."""
+        task_id, agents = task["task_id"], task["agents"]
+        active = [a for a in agents if is_active(a)]
+        for other in active:
+            if other.get("type") == agent_type:
+                raise DuplicateAgent(
+                    f"task {task_id} already has an active {agent_type} agent, {other['id']} ({other['status']});"
+                    " finish or kill it before deploying another", task_id=task_id, existing=other["id"])
+        max_agents = task.get("max_agents", model.DEFAULT_MAX_AGENTS)
+        if len(agents) >= max_agents:
+            raise LimitExceeded(f"task {task_id} has spawned {len(agents)} agents, its max_agents is {max_agents}",
+                                task_id=task_id, limit="max_agents")
+        max_concurrent = task.get("max_concurrent", model.DEFAULT_MAX_CONCURRENT)
+        if len(active) >= max_concurrent:
+            raise LimitExceeded(f"task {task_id} has {len(active)} active agents, its max_concurrent is"
+                                f" {max_concurrent}", task_id=task_id, limit="max_concurrent")
+        depth = 1
+        if parent != ORCHESTRATOR:
+            parent_agent = next((a for a in agents if a["id"] == parent), None)
+            if parent_agent is None:
+                raise UnknownAgent(f"parent {parent} is not an agent of task {task_id}", task_id=task_id,
+                                   agent_id=parent)
+            depth = parent_agent.get("depth", 1) + 1
+        max_depth = task.get("max_depth", model.DEFAULT_MAX_DEPTH)
+        if depth > max_depth:
+            raise LimitExceeded(f"a child of {parent} would be at depth {depth}; task {task_id} has max_depth"
+                                f" {max_depth}", task_id=task_id, limit="max_depth")
+        return depth
+
+    @staticmethod
+    def _new_agent_id(agent_type: str, taken: set[str]) -> str:
+        """``<type>-<HHMMSS>-<6 hex>``, not in *taken*; a long type is cut so that the id is a valid name."""
+        prefix = model.agent_id_prefix(agent_type)
+        agent_id = f"{prefix}-{datetime.now():%H%M%S}-{secrets.token_hex(3)}"
+        while agent_id in taken:
+            agent_id = f"{prefix}-{datetime.now():%H%M%S}-{secrets.token_hex(3)}"
+        return agent_id
+
+    @staticmethod
+    def _register(task: dict[str, Any], agent: dict[str, Any]) -> None:
+        task["agents"].append(agent)
+        task.setdefault("agent_hierarchy", {}).setdefault(agent["parent"], []).append(agent["id"])
+        task["total_spawned"] = task.get("total_spawned", 0) + 1
+        task["active_count"] = task.get("active_count", 0) + 1
 
     def update(self, task_id: str, agent_id: str, status: str | None = None, message: str | None = None,
                progress: int | None = None) -> dict[str, Any]:
@@ -300,7 +342,7 @@ class Registry:
         the status changes fail with its error and the progress reports go through, as they would one by one.
         """
         try:
-            task, before = file.load()
+            task = file.read()
         except FileNotFoundError:
             raise UnknownTask(f"no task {task_id} in {self.base} (there is no {file.path})", task_id=task_id) from None
         with contextlib.ExitStack() as stack:
@@ -312,7 +354,7 @@ class Registry:
                     glob = self._read_global()
                 except RegistryError as exc:
                     unusable = exc
-            changed = []
+            changed, applied = [], 0
             for request in batch.requests:
                 try:
                     agent, status_changed = self._apply_update(task, unusable, request.payload)
@@ -320,11 +362,12 @@ class Registry:
                     batch.fail(request, exc)
                     continue
                 batch.succeed(request, dict(agent))
+                applied += 1
                 if status_changed:
                     changed.append(request)
-            data = dumps(task)
-            if data == before:  # every request failed
+            if not applied:  # every request failed: write nothing, whatever form the file's bytes are in
                 return
+            data = dumps(task)
             promise(data)
             if not changed:
                 file.write_bytes(data)
@@ -377,8 +420,12 @@ class Registry:
         ``reconcile`` marks terminated, never a registered-as-terminated agent that runs on.  Such a failure is a
         WriteFailed with ``applied`` None: the session is gone although the registry still says active.
 
+        Only the session ``agent_<id>`` is killed, whatever the file records as the agent's ``tmux_session``: a
+        hand-edited or hostile file must not make the registry kill someone else's session.
+
         Raises InvalidTransition if the agent is already terminal, UnknownAgent, UnknownTask, SessionError.
         """
+        _text("reason", reason)
         with self._both_locked(task_id) as file:
             task = self._read_task(task_id)
             agent = self._agent(task, agent_id)
@@ -386,7 +433,7 @@ class Registry:
                 raise InvalidTransition(f"agent {agent_id} is already {agent['status']}", task_id=task_id,
                                         agent_id=agent_id)
             glob = self._read_global()
-            session = agent.get("tmux_session") or model.session_name(agent_id)
+            session = model.session_name(agent_id)  # never a name from the file: it may be anyone's session
             killed = self.sessions.kill(session)
             self._finish(task, agent, "terminated", now(), reason=reason)
             try:
