@@ -429,7 +429,7 @@ class Projects:
         if parent != ORCHESTRATOR:
             raise Rejected("projects have no sub-agents")
         agent_id = new_id(agent_type)
-        session = f"agent_{agent_id}"
+        session = f"{task_id}_{agent_id}"  # not agent_<id>: only SESSION_FIELD names it
         with self._locked():
             doc = self._load()
             start_session(session)

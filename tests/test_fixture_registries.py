@@ -326,7 +326,8 @@ def test_projects(ws: Path) -> None:
     d = reg.deploy(p2, "tester")  # ...and no limits
     stored = agent_of(reg, p1, a)
     assert set(stored) == {"id", "project", "type", "status", "session", "created_at"}
-    assert (stored["project"], stored["status"], stored["session"]) == (p1, "active", f"agent_{a}")
+    assert (stored["project"], stored["status"], stored["session"]) == (p1, "active", f"{p1}_{a}")
+    assert {x["session"] for p in (p1, p2) for x in reg.read_task(p)["agents"]} <= live_sessions()
     assert [x["id"] for x in reg.read_task(p1)["agents"]] == [a, b]
     assert [x["id"] for x in reg.read_task(p2)["agents"]] == [c, d]
     assert reg.read_task("proj-none") == {"agents": []}
@@ -343,7 +344,7 @@ def test_projects(ws: Path) -> None:
 
     reg.kill(p1, a)  # of an abandoned agent: applied
     assert status(reg, p1, a) == "deleted"
-    assert f"agent_{a}" not in live_sessions()
+    assert f"{p1}_{a}" not in live_sessions()
     with pytest.raises(Rejected):
         reg.kill(p1, a)  # a deleted agent is unknown
     with pytest.raises(Rejected):
@@ -364,8 +365,8 @@ def test_projects_one_reconcile_reaps_every_project(ws: Path) -> None:
     gone2, quit_ = reg.deploy(p2, "a"), reg.deploy(p2, "b")
     reg.update(p1, done, "completed", 0)
     reg.update(p2, quit_, "abandoned", 0)
-    for x in (gone1, done, gone2, quit_):
-        kill_session(f"agent_{x}")
+    for p, x in ((p1, gone1), (p1, done), (p2, gone2), (p2, quit_)):
+        kill_session(agent_of(reg, p, x)["session"])
     reg.reconcile(p1)
     assert [status(reg, p1, x) for x in (gone1, alive, done)] == ["completed", "active", "completed"]
     assert [status(reg, p2, x) for x in (gone2, quit_)] == ["completed", "abandoned"]
