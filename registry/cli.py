@@ -22,7 +22,7 @@ HEALTHY, PROBLEMS, ERROR = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--base", type=Path, default=None,
+    common.add_argument("--base", default=None,
                         help="workspace directory (default: $ORCH_WORKSPACE or ./.agent-workspace)")
     common.add_argument("--json", action="store_true", help="print a JSON document instead of text")
     parser = argparse.ArgumentParser(prog="orch-registry", description=__doc__,
@@ -66,12 +66,25 @@ def _status(base: Path) -> tuple[int, dict[str, Any], str]:
     return code, {"base": str(reg.base), "tasks": rows}, text
 
 
+def _not_a_workspace(base: Path) -> str | None:
+    """Why *base* cannot be a workspace, or None."""
+    try:
+        if not base.is_dir():
+            return f"no workspace at {base}"
+    except OSError as exc:  # a name too long for the file system, say
+        return f"no workspace at {str(base)[:100]}...: {exc.strerror or exc}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    base = args.base if args.base is not None else default_base()
-    if not base.is_dir():
-        print(f"orch-registry: error: no workspace at {base} (pass --base DIR or set ORCH_WORKSPACE)",
-              file=sys.stderr)
+    if args.base == "":
+        print("orch-registry: error: --base is empty; name the workspace directory", file=sys.stderr)
+        return ERROR
+    base = Path(args.base) if args.base is not None else default_base()
+    problem = _not_a_workspace(base)
+    if problem is not None:
+        print(f"orch-registry: error: {problem} (pass --base DIR or set ORCH_WORKSPACE)", file=sys.stderr)
         return ERROR
     try:
         if args.command == "status":

@@ -4,24 +4,33 @@
 the global registry): reaps zombies, recomputes counters and the hierarchy from the agents lists, rebuilds the global
 registry from the task registries, and kills leaked sessions when asked.  A file it cannot parse is left alone unless
 told to restore it, and then it says whether it restored the backup or rebuilt the file.
+
+Strays (a symlink or a file of the wrong kind where a registry file, backup, lock, queue or task directory belongs,
+a directory with a registry but a name that is no task id) are reported by :func:`check` and skipped by
+:func:`repair`, which names each task it could not lock or read instead of stopping: one bad entry never keeps the
+rest of the workspace from being checked or repaired.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import model
-from .errors import CorruptRegistry, SessionError
-from .groupcommit import stale_queue_files
+from .errors import CorruptRegistry, RegistryError, SessionError, UnsafePath
+from .groupcommit import queue_dir, stale_queue_files
 from .model import Violation, is_active
 from .ops import Registry, now
 from .sessions import TmuxSessions
-from .store import JsonFile, backup_path, dumps, parse, stale_temp_files
+from .store import JsonFile, backup_path, dumps, make_dirs, parse, read_file, stale_temp_files
+
+#: Finding kinds of a task registry that could not be read: its agents' sessions are neither leaks nor zombies.
+UNREADABLE = ("corrupt", "unsafe", "unreadable")
 
 __all__ = ["Finding", "HealthReport", "RepairReport", "check", "repair"]
 
@@ -123,19 +132,19 @@ def _load_all(reg: Registry, task_ids: list[str] | None = None
     for task_id in reg.task_ids() if task_ids is None else task_ids:
         try:
             tasks[task_id] = reg.task_file(task_id).read()
-        except CorruptRegistry as exc:
-            findings.append(Finding("corrupt", str(exc), task_id, path=exc.path))
         except FileNotFoundError:  # removed while we looked
             continue
+        except (RegistryError, OSError) as exc:
+            findings.append(_unreadable(exc, reg.task_file(task_id).path, task_id))
     glob: dict[str, Any] | None = None
     try:
         glob = reg.global_file.read()
-    except CorruptRegistry as exc:
-        findings.append(Finding("corrupt", str(exc), path=exc.path))
     except FileNotFoundError:
         if tasks or findings:
             findings.append(Finding("missing", f"the global registry {reg.global_file.path} is missing",
                                     path=str(reg.global_file.path)))
+    except (RegistryError, OSError) as exc:
+        findings.append(_unreadable(exc, reg.global_file.path, None))
     if glob is not None:
         present = set(tasks) | {f.task_id for f in findings if f.task_id}
         for task_id in sorted(set(glob.get("tasks", {})) - present):
@@ -145,13 +154,53 @@ def _load_all(reg: Registry, task_ids: list[str] | None = None
     return tasks, glob, findings
 
 
+def _unreadable(exc: Exception, path: Path, task_id: str | None) -> Finding:
+    kind = "corrupt" if isinstance(exc, CorruptRegistry) else "unsafe" if isinstance(exc, UnsafePath) else "unreadable"
+    return Finding(kind, str(exc) if kind != "unreadable" else f"{path} cannot be read: {exc}", task_id,
+                   path=str(path))
+
+
+def _wrong_kind(path: Path, directory: bool) -> str | None:
+    """What is wrong with *path* (a symlink, the wrong kind of file), or None if it is right or missing."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if directory and not stat.S_ISDIR(mode):
+        return "not a directory"
+    if not directory and not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None
+
+
+def _stray_findings(reg: Registry) -> list[Finding]:
+    """Every stray of the workspace (see the module docstring); the registry files themselves are read elsewhere."""
+    found = [Finding("stray", f"{path} holds a {model.TASK_FILE} but "
+                     + ("is a symlink" if path.is_symlink() else "its name is not a valid task id")
+                     + "; every command skips it. Move it out of the workspace.", path=str(path))
+             for path in reg.strays()]
+    global_dir = reg.global_file.path.parent
+    places = [(global_dir, True, "the global registry")]
+    for file in [reg.task_file(t) for t in reg.task_ids()] + [reg.global_file]:
+        places += [(file.lock_path, False, "a lock file"), (backup_path(file.path), False, "a backup"),
+                   (queue_dir(file.path), True, "the group-commit queue")]
+    for path, directory, role in places:
+        problem = _wrong_kind(path, directory)
+        if problem is not None:
+            found.append(Finding("stray", f"{path} is {problem}, where the registry keeps {role}; it is never"
+                                          " followed nor written. Move it out of the way.", path=str(path)))
+    return found
+
+
 def _unreadable_sessions(glob: dict[str, Any] | None, problems: list[Finding]) -> set[str]:
     """Sessions of agents of tasks whose registry cannot be read: whether they leak nobody can tell, so they are
     never reported as leaks nor killed as such."""
-    unreadable = {p.task_id for p in problems if p.kind == "corrupt" and p.task_id}
+    unreadable = {p.task_id for p in problems if p.kind in UNREADABLE and p.task_id}
     if glob is None or not unreadable:
         return set()
-    return {view.get("tmux_session") or model.session_name(agent_id)
+    return {model.session_name(agent_id)
             for agent_id, view in glob.get("agents", {}).items() if view.get("task_id") in unreadable}
 
 
@@ -160,7 +209,7 @@ def _session_findings(tasks: dict[str, dict[str, Any]], alive: set[str], unknown
     owned = set(unknown)
     for task_id, task in tasks.items():
         for agent in task["agents"]:
-            session = agent.get("tmux_session") or model.session_name(agent["id"])
+            session = model.session_name(agent["id"])
             if is_active(agent):
                 owned.add(session)
                 if session not in alive:
@@ -180,7 +229,7 @@ def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthRe
     for task in tasks.values():
         findings += [_violation(v) for v in model.task_violations(task)]
     if glob is not None:
-        complete = not any(f.kind == "corrupt" and f.task_id for f in findings)
+        complete = not any(f.kind in UNREADABLE and f.task_id for f in findings)
         findings += [_violation(v) for v in model.global_violations(glob, tasks, complete=complete)]
     alive: set[str] | None
     try:
@@ -190,6 +239,7 @@ def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthRe
         findings.append(Finding("tmux_unreachable", f"{exc}; zombies and leaks were not checked"))
     if alive is not None:
         findings += _session_findings(tasks, alive, _unreadable_sessions(glob, findings))
+    findings += _stray_findings(reg)
     findings += [Finding("stale_temp", f"{path} was left by a process that died part way through a write; the"
                                        " registry is whole, the file is litter", path=str(path))
                  for path in _stale_temps(reg)]
@@ -203,17 +253,21 @@ def _stale_temps(reg: Registry) -> list[Path]:
     """Temp files of writers that died before their rename, and group-commit queue files of dead processes."""
     files = [reg.task_file(t) for t in reg.task_ids()] + [reg.global_file]
     directories = {f.path.parent for f in files}
-    return sorted([path for d in directories if d.is_dir() for path in stale_temp_files(d)]
+    return sorted([path for d in directories if d.is_dir() and not d.is_symlink() for path in stale_temp_files(d)]
                   + [path for f in files for path in stale_queue_files(f.path)])
 
 
 def _backup(reg: Registry, files: list[JsonFile]) -> Path:
+    """Copy every file of *files* that can be read (never through a symlink) under ``.backups/<now>/``."""
     target = reg.base / ".backups" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     for file in files:
-        if file.path.exists():
-            dest = target / file.path.relative_to(reg.base)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(file.path, dest)
+        try:
+            data = read_file(file.path)
+        except (OSError, RegistryError):
+            continue
+        dest = target / file.path.relative_to(reg.base)
+        make_dirs(dest.parent)
+        dest.write_bytes(data)
     return target
 
 
@@ -221,9 +275,9 @@ def _restore_task(reg: Registry, task_id: str, glob: dict[str, Any] | None) -> t
     """A replacement for a corrupt task registry: its backup if that parses, else a rebuild from the global view."""
     file = reg.task_file(task_id)
     bak = backup_path(file.path)
-    with contextlib.suppress(OSError, CorruptRegistry):
-        doc = parse(bak.read_bytes(), bak)
-        if not model.task_shape_problems(doc) and doc["task_id"] == task_id:
+    with contextlib.suppress(OSError, RegistryError):
+        doc = parse(read_file(bak), bak)
+        if not model.task_shape_problems(doc, task_id):
             return doc, f"restored {file.path} from its backup {bak}"
     if glob is not None and task_id in glob.get("tasks", {}):
         entry = glob["tasks"][task_id]
@@ -254,6 +308,34 @@ def _restore_task(reg: Registry, task_id: str, glob: dict[str, Any] | None) -> t
     return None, f"{file.path} is corrupt and has neither a usable backup nor an entry in the global registry"
 
 
+def _lock_tasks(stack: contextlib.ExitStack, reg: Registry, task_ids: list[str]) -> tuple[list[str], list[Finding]]:
+    """Lock every task registry that can be locked.  Returns the ids locked, and a finding for each of the others
+    (its sessions are then neither zombies nor leaks, and the global registry keeps its entries)."""
+    locked, skipped = [], []
+    for task_id in task_ids:
+        try:
+            stack.enter_context(reg.task_file(task_id).locked())
+        except (UnsafePath, FileNotFoundError) as exc:
+            skipped.append(Finding("unsafe", f"task {task_id} was skipped: {exc}", task_id, path=str(exc.filename
+                                   if isinstance(exc, FileNotFoundError) else exc.path)))
+            continue
+        locked.append(task_id)
+    return locked, skipped
+
+
+def _lock_global(stack: contextlib.ExitStack, reg: Registry, task_ids: list[str], refused: list[str]) -> bool:
+    """Lock the global registry, creating its directory only in a workspace that has one or has tasks."""
+    if not task_ids and not os.path.lexists(reg.global_file.path.parent):
+        return False  # not a workspace, or an empty one: nothing to create
+    try:
+        make_dirs(reg.global_file.path.parent)
+        stack.enter_context(reg.global_file.locked())
+    except UnsafePath as exc:
+        refused.append(f"the global registry was left alone: {exc}")
+        return False
+    return True
+
+
 def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kill_leaks: bool = False,
            sessions: TmuxSessions | None = None) -> RepairReport:
     """Repair the workspace at *base*; with *dry_run* (the default) only say what would be done.
@@ -265,17 +347,22 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
     refused: list[str] = []
     task_ids = reg.task_ids()
     files = [reg.task_file(t) for t in task_ids]
+    skipped: list[Finding] = []
+    global_locked = False
     with contextlib.ExitStack() as stack:
         if not dry_run:  # a dry run only reads, and reads are atomic: it creates nothing, not even a lock file
-            for file in files:
-                stack.enter_context(file.locked())
-            reg.global_file.path.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(reg.global_file.locked())
+            task_ids, skipped = _lock_tasks(stack, reg, task_ids)
+            files = [reg.task_file(t) for t in task_ids]
+            global_locked = _lock_global(stack, reg, task_ids, refused)
         tasks, glob, problems = _load_all(reg, task_ids)  # only the tasks whose locks are held
+        problems += skipped
         backup_dir = None if dry_run else _backup(reg, [*files, reg.global_file])
         changed: set[str] = set()
 
         for problem in problems:
+            if problem.kind in ("unsafe", "unreadable"):
+                refused.append(f"{problem.message} (left as it is)")
+                continue
             if problem.kind == "corrupt" and problem.task_id:
                 if not restore:
                     refused.append(f"{problem.path} is corrupt; rerun with --restore to restore or rebuild it")
@@ -298,7 +385,7 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
         for task_id, task in tasks.items():
             if alive is not None:
                 for agent in task["agents"]:
-                    session = agent.get("tmux_session") or model.session_name(agent["id"])
+                    session = model.session_name(agent["id"])
                     if is_active(agent) and session not in alive:
                         Registry._finish(task, agent, "terminated", stamp, reason="session_not_found")
                         actions.append(f"{task_id}: marked zombie {agent['id']} terminated (session_not_found)")
@@ -328,7 +415,7 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
             disagreements = model.global_violations(glob, tasks, complete=False)
             for task in tasks.values():
                 model.sync_global(glob, task, stamp)
-            kept = set(tasks) | {p.task_id for p in problems if p.kind == "corrupt" and p.task_id}
+            kept = set(tasks) | {p.task_id for p in problems if p.kind in UNREADABLE and p.task_id}
             for agent_id in [a for a, v in glob["agents"].items() if v.get("task_id") not in kept]:
                 del glob["agents"][agent_id]
                 actions.append(f"removed agent {agent_id}, whose task no longer exists, from the global registry")
@@ -338,10 +425,12 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
             model.recompute_global_totals(glob)
             if disagreements:
                 actions.append(f"re-synced the global registry with the tasks ({len(disagreements)} disagreements)")
-        write_global = glob is not None and dumps(glob) != original_global
+        global_unusable = any(p.kind in ("unsafe", "unreadable") and not p.task_id for p in problems)
+        write_global = (glob is not None and dumps(glob) != original_global and (dry_run or global_locked)
+                        and not global_unusable)
 
         if alive is not None:
-            owned = {a.get("tmux_session") or model.session_name(a["id"])
+            owned = {model.session_name(a["id"])
                      for t in tasks.values() for a in t["agents"] if is_active(a)}
             owned |= _unreadable_sessions(glob, [p for p in problems if p.task_id not in tasks])
             for session in sorted(s for s in alive - owned if s.startswith("agent_")):

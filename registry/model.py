@@ -80,6 +80,8 @@ def is_valid_name(value: object) -> bool:
 
 
 def session_name(agent_id: str) -> str:
+    """The tmux session of agent *agent_id*.  The registry only ever looks for, and kills, this name: an agent's
+    ``tmux_session`` field is a record of it, never trusted (a hand-edited file could name anyone's session)."""
     return f"agent_{agent_id}"
 
 

@@ -459,7 +459,7 @@ class Registry:
             if not active:
                 return []
             alive = self.sessions.alive()
-            zombies = [a for a in active if (a.get("tmux_session") or model.session_name(a["id"])) not in alive]
+            zombies = [a for a in active if model.session_name(a["id"]) not in alive]
             if not zombies:
                 return []
             with self._global_locked():

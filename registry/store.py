@@ -276,9 +276,10 @@ def read_file(path: Path) -> bytes:
         if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise unsafe(path, "a registry file") from None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise unsafe(path, "a registry file")
     with open(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise unsafe(path, "a registry file")
         return fh.read()
 
 

@@ -111,14 +111,16 @@ def test_a_workspace_that_is_not_there_exits_two(command: str, tmp_path: Path) -
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_an_unreadable_registry_is_an_io_error_exit_two(healthy: Path) -> None:
+def test_a_directory_where_the_global_registry_belongs_is_reported_and_left_alone(healthy: Path) -> None:
+    # Before issue 12 this was an I/O error, exit 2, for the whole workspace; a stray is a finding now.
     path = healthy / GLOBAL_DIR / GLOBAL_FILE
     path.unlink()
-    path.mkdir()  # reading it fails with IsADirectoryError
+    path.mkdir()
     for command in ("check", "repair"):
         result = orch_registry(command, "--base", healthy)
-        assert result.returncode == 2, result.stdout
-        assert result.stderr.startswith("orch-registry: error:")
+        assert result.returncode == 1, result.stderr
+        assert f"{path} is a directory, where the registry keeps a registry file" in result.stdout
+    assert path.is_dir() and not any(path.iterdir())
 
 
 def test_check_and_status_report_a_corrupt_task_registry(healthy: Path) -> None:
