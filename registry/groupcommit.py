@@ -109,6 +109,7 @@ def submit(file: JsonFile, payload: dict[str, Any], lead: Lead, timeout: float |
     """
     mine = Request(f"{os.getpid()}.{secrets.token_hex(6)}", payload)
     queue = queue_dir(file.path)
+    timeout = file.lock_timeout if timeout is None else timeout  # checked on every call, not only when contended
     try:
         with contextlib.ExitStack() as stack:
             outcome = None if _try_lock(file, stack) else _wait(file, queue, mine, stack, timeout)

@@ -42,6 +42,12 @@ def agent_command(template: str | None, *, base: Path, task_id: str, agent_id: s
                            task_id=shlex.quote(task_id), agent_id=shlex.quote(agent_id))
 
 
+def _literal(argument: str) -> str:
+    """*argument* as tmux takes it literally from its command line: tmux reads a trailing ``;`` of any argument as
+    the end of a command (a workspace ``/srv/ws;`` made every deploy fail), and ``\\;`` as a literal ``;``."""
+    return argument[:-1] + "\\;" if argument.endswith(";") else argument
+
+
 class TmuxSessions:
     """Start, kill and list agent sessions on one tmux server."""
 
@@ -59,9 +65,10 @@ class TmuxSessions:
 
     def start(self, name: str, command: str, environment: Mapping[str, str] | None = None) -> None:
         """Start detached session *name* running *command*.  SessionError if tmux refuses."""
+        env = {key: _literal(value) for key, value in (environment or {}).items()}
         try:
-            self.server.new_session(session_name=name, window_command=command, attach=False,
-                                    environment=dict(environment or {}))
+            self.server.new_session(session_name=name, window_command=_literal(command), attach=False,
+                                    environment=env)
         except (tmux_exc.LibTmuxException, OSError) as exc:
             raise SessionError(f"tmux could not start session {name}: {exc}", session=name) from exc
 

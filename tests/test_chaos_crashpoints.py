@@ -20,7 +20,7 @@ import pytest
 from pytest_orch.chaos import Chaos, CrashExploration, CrashSite
 from pytest_orch.swarm import Worker
 from registry.health import Finding
-from registry.store import CRASH_POINTS, JsonFile, crash_point
+from registry.store import CRASH_POINTS, DIR_CRASH_POINTS, JsonFile, crash_point
 
 LIMITS = {"max_agents": 10, "max_concurrent": 5, "max_depth": 3}
 
@@ -61,15 +61,18 @@ def _still_running(agent_type: str) -> Callable[[Finding, dict[str, Any]], bool]
     return lambda f, ctx: f.kind == "leak" and f.path == f"agent_{ctx['agents'][agent_type]}"
 
 
-ALL_POINTS = set(CRASH_POINTS)
+ALL_POINTS = set(CRASH_POINTS) - set(DIR_CRASH_POINTS)
 ONE_FILE_POINTS = ALL_POINTS - {"between_task_and_global"}
+#: create_task also makes directories durable (issue 12): a crash between a mkdir and the fsync of its parent.
+CREATE_POINTS = ALL_POINTS | set(DIR_CRASH_POINTS)
 
 #: name -> (setup, the operation, what a crash may leave for check to find, the crash points it must pass)
 OPERATIONS: dict[str, tuple[Any, Any, Any, set[str]]] = {
     "create_task": (_task_with("alpha"),
-                    lambda w, ctx: w.registry.create_task("another", **LIMITS), None, ALL_POINTS),
+                    lambda w, ctx: w.registry.create_task("another", **LIMITS), None, CREATE_POINTS),
     "create_task in an empty workspace": (_empty,
-                                          lambda w, ctx: w.registry.create_task("first", **LIMITS), None, ALL_POINTS),
+                                          lambda w, ctx: w.registry.create_task("first", **LIMITS), None,
+                                          CREATE_POINTS),
     "deploy": (_task_with("alpha"),
                lambda w, ctx: w.registry.deploy(ctx["task"], "beta"), _session_of_a_new("beta"), ALL_POINTS),
     "update with a status change": (_task_with("alpha", "beta"),

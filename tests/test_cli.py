@@ -120,7 +120,8 @@ def test_a_directory_where_the_global_registry_belongs_is_reported_and_left_alon
         result = orch_registry(command, "--base", healthy)
         assert result.returncode == 1, result.stderr
         assert f"{path} is a directory, where the registry keeps a registry file" in result.stdout
-    assert path.is_dir() and not any(path.iterdir())
+    assert path.is_dir()
+    assert not any(path.iterdir())
 
 
 def test_check_and_status_report_a_corrupt_task_registry(healthy: Path) -> None:
