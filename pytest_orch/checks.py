@@ -526,28 +526,27 @@ def crashes(history: History, final: Final) -> list[Problem]:
 
 
 def session_leaks(history: History, final: Final) -> list[Problem]:
+    """Live sessions that no agent record of any task names and that were not there before the swarm: one problem,
+    listing them, with the deploys that did not succeed while they appeared (tmux dates a session to the second)."""
     if final.sessions is None:
         return []
     spec = final.judge
     named = {spec.session_of(a) for doc in [*final.tasks.values(), *history.initial.values()]
              for a in doc.get("agents", []) if isinstance(a, dict)}
-    problems = []
+    leaked = sorted(set(final.sessions) - named - final.sessions_before)
+    if not leaked:
+        return []
     cut_short = [op for op in history.calls if op.name == "deploy" and op.complete_ns is None]
-    for session in sorted(set(final.sessions) - named - final.sessions_before):
-        when = _appeared_ns(final, session)
-        suspects = [op for op in history.calls if op.name == "deploy" and when is not None
-                    and op.invoke_ns - 1_000_000_000 <= when <= (op.complete_ns or history.end_ns) + 1_000_000_000]
-        if any(op in cut_short and op.invoke_ns <= (when or history.end_ns) for op in suspects or cut_short):
-            continue  # a deploy cut short by a fault (SIGKILL) may leave its session: nobody was left to clean up
-        suspects.sort(key=lambda op: (op.outcome == "ok", op.invoke_ns))
-        at = f", started about {history.ms(when)} ms into the swarm" if when is not None else ""
-        during = ("; deploys running then: " + "; ".join(f"{op.describe()} by p{op.process} ({op.outcome}"
-                                                        + (f": {op.error[:80]}" if op.error else "") + ")"
-                                                        for op in suspects[:4])) if suspects else ""
-        problems.append(Problem("session_leak", f"tmux session {session!r} is alive{at}, but no agent record of any"
-                                                f" task names it: a leaked session{during}", (),
-                                tuple(suspects[:6])))
-    return problems
+    if cut_short and len(leaked) <= len(cut_short):
+        return []  # deploys cut short by a fault (SIGKILL) may leave their sessions: nobody was left to clean up
+    times = [t for t in (_appeared_ns(final, name) for name in leaked) if t is not None]
+    suspects = [op for op in history.calls if op.name == "deploy" and op.outcome != "ok"
+                and (not times or any(op.invoke_ns - 1_000_000_000 <= t <= (op.complete_ns or history.end_ns)
+                                      + 1_000_000_000 for t in times))]
+    shown = ", ".join(leaked[:12]) + (f" and {len(leaked) - 12} more" if len(leaked) > 12 else "")
+    why = f"; {len(suspects)} deploys failed or raised meanwhile (below)" if suspects else ""
+    return [Problem("session_leak", f"{len(leaked)} tmux session{'s are' if len(leaked) != 1 else ' is'} alive that"
+                                    f" no agent record of any task names: {shown}{why}", (), tuple(suspects))]
 
 
 def _appeared_ns(final: Final, session: str) -> int | None:

@@ -442,6 +442,8 @@ class Spec:
     def _deploy(self, state: RegistryModel, task: TaskModel, cmd: Command) -> Effect | tuple[Effect, ...]:
         if cmd.parent == ORCHESTRATOR:
             depth = 1
+        elif not self.rules.hierarchy:
+            return Refused("the registry has no hierarchy (Rules(hierarchy=False)): an agent has no children")
         else:
             parent = task.agent(cmd.parent)
             if parent is None:

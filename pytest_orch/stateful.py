@@ -66,12 +66,22 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from registry.model import ACTIVE, ORCHESTRATOR, STATUSES, global_violations, session_name, task_violations
-
 from . import options
-from .adapter import ALL_PROMISES, load_factory, promises_of
+from .adapter import load_factory, promises_of
 from .burst import MAX_WORKERS, Op, Record, kill_session, shared_pool, timed
-from .linearize import Applied, Call, Refused, Search, linearize, lost
+from .conformance import verdict_for
+from .linearize import Applied, Call, Search, linearize, lost
+from .spec import (
+    ALL_PROMISES,
+    ORCHESTRATOR,
+    AgentModel,
+    Command,
+    RegistryModel,
+    Rules,
+    Spec,
+    TaskModel,
+    spec_of,
+)
 from .tmux import QUIET_AGENT_COMMAND, kill_server, private_env
 from .tmux import apply as apply_env
 
@@ -81,8 +91,8 @@ __all__ = ["AGENT_TYPES", "AgentModel", "BurstFailure", "Command", "LostUpdate",
 
 #: Few types, so that deduplication has something to refuse.
 AGENT_TYPES = ("investigator", "builder", "fixer", "tester")
-#: Every status, active ones first (Hypothesis shrinks towards them), then one the registry must refuse.
-UPDATE_STATUSES = ("running", "working", "blocked", "completed", "terminated", "error", "failed", "paused")
+#: A status outside every vocabulary, drawn beside the registry's own: refused, or stored (``unknown_status``).
+UNKNOWN_STATUS = "paused"
 #: Operations a burst draws from, the ones Hypothesis shrinks towards first.
 BURST_KINDS = ("update", "deploy", "kill", "reconcile", "lose_session")
 #: The first task: generous limits, and two agents from the start (see RegistryMachine.first_agents).
@@ -147,6 +157,11 @@ def run_machine(machine: type[RegistryMachine], *, settings: settings | None = N
 
     Raises what Hypothesis raises (the shrunk failure), or BurstFailure for a burst that failed too rarely to shrink.
     """
+    verdict = verdict_for(machine.impl or options.current().impl)
+    if not verdict.ok:
+        first = verdict.mismatches[0] if verdict.mismatches else verdict.error
+        pytest.skip(f"the registry does not follow its declared rules (see test_the_registry_does_what_its_rules_say):"
+                    f" [contract] {first}")
     machine._failure_seen = machine._lost_seen = False
     for key in [k for k in _verdicts if k[0] is machine]:
         del _verdicts[key]
@@ -167,222 +182,35 @@ def run_machine(machine: type[RegistryMachine], *, settings: settings | None = N
 # The model
 
 
-@dataclass(frozen=True)
-class AgentModel:
-    """What the model knows of one agent.  ``parent`` is a handle or ``orchestrator``; ``session``: is it alive."""
+class Specification(Spec):
+    """:class:`~pytest_orch.spec.Spec` made from *promises* and *rules* in that order (kept for code written against
+    the machine's own model before the specification moved to :mod:`pytest_orch.spec`)."""
 
-    handle: str
-    type: str
-    parent: str
-    depth: int
-    status: str = "running"
-    progress: int = 0
-    session: bool = True
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE
+    def __init__(self, promises: frozenset[str] = ALL_PROMISES, rules: Rules | None = None) -> None:
+        super().__init__(rules or Rules(), promises)
 
 
-@dataclass(frozen=True)
-class TaskModel:
-    handle: str
-    max_agents: int
-    max_concurrent: int
-    max_depth: int
-    agents: tuple[AgentModel, ...] = ()
-
-    def __hash__(self) -> int:  # the search hashes states constantly: compute it once
-        cached: int | None = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash((self.handle, self.max_agents, self.max_concurrent, self.max_depth, self.agents))
-            object.__setattr__(self, "_hash", cached)
-        return cached
-
-    def agent(self, handle: str) -> AgentModel | None:
-        return next((a for a in self.agents if a.handle == handle), None)
-
-    def replace_agent(self, agent: AgentModel) -> TaskModel:
-        return replace(self, agents=tuple(agent if a.handle == agent.handle else a for a in self.agents))
-
-    @property
-    def counters(self) -> tuple[int, int, int]:
-        """total_spawned, active_count, completed_count."""
-        return (len(self.agents), sum(a.active for a in self.agents),
-                sum(a.status == "completed" for a in self.agents))
-
-
-@dataclass(frozen=True)
-class RegistryModel:
-    """The whole registry as the model sees it: hashable, so the linearizability search can memoize it."""
-
-    tasks: tuple[TaskModel, ...] = ()
-
-    def __hash__(self) -> int:
-        cached: int | None = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash(self.tasks)
-            object.__setattr__(self, "_hash", cached)
-        return cached
-
-    def task(self, handle: str) -> TaskModel | None:
-        return next((t for t in self.tasks if t.handle == handle), None)
-
-    def replace_task(self, task: TaskModel) -> RegistryModel:
-        return replace(self, tasks=tuple(task if t.handle == task.handle else t for t in self.tasks))
-
-
-@dataclass(frozen=True)
-class Command:
-    """One operation in the model's terms (handles).  For a deploy, ``agent`` is the handle the new agent gets."""
-
-    kind: str
-    task: str
-    agent: str = ""
-    agent_type: str = ""
-    parent: str = ORCHESTRATOR
-    status: str = ""
-    progress: int = 0
-    limits: tuple[int, int, int] = (0, 0, 0)
-
-    def __hash__(self) -> int:  # a key of the specification's cache, hashed at every step of the search
-        cached: int | None = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash((self.kind, self.task, self.agent, self.agent_type, self.parent, self.status, self.progress,
-                           self.limits))
-            object.__setattr__(self, "_hash", cached)
-        return cached
-
-    def __repr__(self) -> str:
-        return str(self)
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # how Hypothesis prints a drawn burst
-        printer.text(str(self))
-
-    def __str__(self) -> str:
-        if self.kind == "create_task":
-            return "create_task(max_agents={}, max_concurrent={}, max_depth={}) -> {}".format(*self.limits, self.task)
-        if self.kind == "deploy":
-            return f"deploy({self.task}, {self.agent_type!r}, parent={self.parent})" + (f" -> {self.agent}"
-                                                                                           if self.agent else "")
-        if self.kind == "update":
-            return f"update({self.agent}, {self.status!r}, progress={self.progress})"
-        if self.kind == "lose_session":
-            return f"tmux kill-session of {self.agent} (behind the registry's back)"
-        if self.kind == "kill":
-            return f"kill({self.agent})"
-        return f"{self.kind}({self.task})"
-
-
-Effect = Applied[RegistryModel] | Refused
-
-
-class Specification:
-    """What a registry must do, as a pure function of a :class:`RegistryModel` and a :class:`Command`.
-
-    The rules a registry does not promise (see :func:`~pytest_orch.adapter.promises_of`) are not enforced: where only
-    such a rule would refuse a deploy, the specification allows both outcomes.
-
-    >>> spec = Specification(frozenset())
-    >>> state = spec.apply(RegistryModel(), Command("create_task", "t0", limits=(1, 1, 1))).state
-    >>> spec.apply(state, Command("deploy", "t0", "a0", "builder"))           # doctest: +ELLIPSIS
-    Applied(state=RegistryModel(tasks=(TaskModel(handle='t0', ...
-    """
-
-    def __init__(self, promises: frozenset[str] = ALL_PROMISES) -> None:
-        self.promises = promises
-        self._cache: dict[tuple[RegistryModel, Command], Effect | tuple[Effect, ...]] = {}
-
-    def __call__(self, state: RegistryModel, call: Call) -> Effect | tuple[Effect, ...]:
-        # The search asks for the same (state, operation) from many orders, and the lost-update analysis repeats it.
-        key = (state, call.op)
-        effect = self._cache.get(key)
-        if effect is None:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            effect = self._cache[key] = self.apply(state, call.op)
-        return effect
-
-    def apply(self, state: RegistryModel, cmd: Command) -> Effect | tuple[Effect, ...]:
-        if cmd.kind == "create_task":
-            if state.task(cmd.task) is not None:
-                return Refused(f"task {cmd.task} exists")
-            return Applied(replace(state, tasks=(*state.tasks, TaskModel(cmd.task, *cmd.limits))))
-        task = state.task(cmd.task)
-        if task is None:
-            return Refused(f"no task {cmd.task}")
-        if cmd.kind == "deploy":
-            return self._deploy(state, task, cmd)
-        if cmd.kind == "reconcile":
-            reaped = tuple(replace(a, status="terminated") if a.active and not a.session else a for a in task.agents)
-            return Applied(state.replace_task(replace(task, agents=reaped)))
-        agent = task.agent(cmd.agent)
-        if cmd.kind == "lose_session":
-            if agent is None:
-                return Applied(state)
-            return Applied(state.replace_task(task.replace_agent(replace(agent, session=False))))
-        if agent is None:
-            return Refused(f"{cmd.agent} is not an agent of {cmd.task}")
-        if cmd.kind == "update":
-            if cmd.status not in STATUSES:
-                return Refused(f"{cmd.status!r} is not a status")
-            if not agent.active:
-                return Refused(f"{cmd.agent} is {agent.status}")
-            return Applied(state.replace_task(task.replace_agent(replace(agent, status=cmd.status,
-                                                                         progress=cmd.progress))))
-        if cmd.kind == "kill":
-            if not agent.active:
-                return Refused(f"{cmd.agent} is {agent.status}")
-            return Applied(state.replace_task(task.replace_agent(replace(agent, status="terminated", session=False))))
-        raise ValueError(f"unknown command kind {cmd.kind!r}")
-
-    def _deploy(self, state: RegistryModel, task: TaskModel, cmd: Command) -> Effect | tuple[Effect, ...]:
-        if cmd.parent == ORCHESTRATOR:
-            depth = 1
-        else:
-            parent = task.agent(cmd.parent)
-            if parent is None:
-                return Refused(f"parent {cmd.parent} is not an agent of {cmd.task}")
-            depth = parent.depth + 1
-        total, active, _ = task.counters
-        broken = []
-        if any(a.active and a.type == cmd.agent_type for a in task.agents):
-            broken.append("unique_type")
-        if total >= task.max_agents:
-            broken.append("max_agents")
-        if active >= task.max_concurrent:
-            broken.append("max_concurrent")
-        if depth > task.max_depth:
-            broken.append("max_depth")
-        hard = [r for r in broken if r in self.promises]
-        if hard:
-            return Refused(", ".join(hard))
-        agent = AgentModel(cmd.agent, cmd.agent_type, cmd.parent, depth)
-        # Agents are kept in handle order, not deploy order, so that orders differing only in which concurrent
-        # deploy came first meet in the same state (the documents' order is not compared).
-        agents = tuple(sorted((*task.agents, agent), key=_handle_number))
-        applied = Applied(state.replace_task(replace(task, agents=agents)))
-        if broken:  # only rules the registry does not promise: it may refuse, or not
-            return applied, Refused(", ".join(broken) + " (not promised)")
-        return applied
-
-
-def _handle_number(agent: AgentModel) -> int:
-    return int(agent.handle[1:]) if agent.handle[1:].isdigit() else -1
+def update_statuses(rules: Rules) -> tuple[str, ...]:
+    """The statuses the machine sends updates to: active ones first (Hypothesis shrinks towards them), then the
+    terminal and refused ones of the registry's vocabulary, then one outside it."""
+    r = rules
+    order = sorted(r.commanded & r.active) + sorted(r.commanded - r.active)
+    return (*order, UNKNOWN_STATUS)
 
 
 @st.composite
-def burst_commands(draw: st.DrawFn, task: str, known: tuple[str, ...]) -> Command:
+def burst_commands(draw: st.DrawFn, task: str, known: tuple[str, ...], rules: Rules | None = None) -> Command:
     """One operation of a burst on *task*, on one of the *known* agent handles (a deploy's handle comes later)."""
+    rules = rules or Rules()
     kind = draw(st.sampled_from(BURST_KINDS if known else ("deploy", "reconcile")))
     if kind == "deploy":
-        return Command("deploy", task, "", draw(st.sampled_from(AGENT_TYPES)),
-                       parent=draw(st.sampled_from((ORCHESTRATOR, *known))))
+        parents = (ORCHESTRATOR, *known) if rules.hierarchy else (ORCHESTRATOR,)
+        return Command("deploy", task, "", draw(st.sampled_from(AGENT_TYPES)), parent=draw(st.sampled_from(parents)))
     if kind == "reconcile":
         return Command("reconcile", task)
     agent = draw(st.sampled_from(known))
     if kind == "update":
-        return Command("update", task, agent, status=draw(st.sampled_from(UPDATE_STATUSES)),
+        return Command("update", task, agent, status=draw(st.sampled_from(update_statuses(rules))),
                        progress=draw(st.integers(0, 100)))
     return Command(kind, task, agent)
 
@@ -402,8 +230,8 @@ class Snapshot:
     errors: Mapping[str, str] = field(default_factory=dict)
 
 
-def _session_of(agent: Mapping[str, Any]) -> str:
-    return str(agent.get("tmux_session") or session_name(str(agent.get("id"))))
+def _session_of(agent: Mapping[str, Any], rules: Rules | None = None) -> str:
+    return Spec(rules or Rules()).session_of(agent)
 
 
 @dataclass(frozen=True)
@@ -424,9 +252,24 @@ class Naming:
 
 @dataclass(frozen=True)
 class ViewOptions:
+    """What the documents and the model are compared on.
+
+    ``limits``: the task's limits (compared when the registry promises any); ``agent_hierarchy``: the documents have
+    one (it is optional everywhere); the rest follows the registry's declared ``rules``.
+    """
+
     progress: bool = True
     sessions: bool = True
     has_global: bool = True
+    rules: Rules = field(default_factory=Rules)
+    limits: bool = True
+    agent_hierarchy: bool = True
+
+    def active(self, status: object) -> bool:
+        return self.rules.is_active(status)
+
+    def counters(self, agents: Sequence[AgentModel]) -> tuple[Any, ...] | None:
+        return Spec(self.rules).counters(agents) if self.rules.counters else None
 
 
 AgentRow = tuple[str, str, str, Any, str, int, str]  # handle, type, parent, depth, status, progress, session
@@ -458,7 +301,7 @@ def observed_view(snap: Snapshot, naming: Naming, opts: ViewOptions) -> tuple[An
         glob = ("unreadable", snap.errors["global"])
     elif opts.has_global and snap.glob is not None:
         try:
-            glob = _global_view(snap.glob, naming)
+            glob = _global_view(snap.glob, naming, opts)
         except Exception as exc:
             glob = ("unreadable", f"{type(exc).__name__}: {exc}")
     return tuple(sorted(tasks, key=repr)), glob
@@ -467,25 +310,37 @@ def observed_view(snap: Snapshot, naming: Naming, opts: ViewOptions) -> tuple[An
 def _task_view(task_id: str, doc: Mapping[str, Any], snap: Snapshot, naming: Naming,
                opts: ViewOptions) -> tuple[Any, ...]:
     rows: list[AgentRow] = []
+    r = opts.rules
     for a in doc.get("agents", []):
         status = str(a.get("status"))
-        rows.append((naming.agent(a.get("id")), str(a.get("type")), naming.agent(a.get("parent", ORCHESTRATOR)),
-                     a.get("depth"), status, int(a.get("progress", 0) or 0) if opts.progress else -1,
-                     _session_mark(status in ACTIVE, _session_of(a) in snap.alive, opts)))
+        if status in r.hidden:
+            continue  # a tombstone reads as absent
+        hier = r.hierarchy
+        rows.append((naming.agent(a.get("id")), str(a.get("type")),
+                     naming.agent(a.get("parent", ORCHESTRATOR)) if hier else ORCHESTRATOR,
+                     a.get("depth") if hier else None, status,
+                     int(a.get("progress", 0) or 0) if opts.progress and r.progress else -1,
+                     _session_mark(opts.active(status), _session_of(a, r) in snap.alive, opts)))
     hierarchy = doc.get("agent_hierarchy")
-    pairs = None if not isinstance(hierarchy, dict) else tuple(sorted(
+    pairs = None if not (opts.agent_hierarchy and isinstance(hierarchy, dict)) else tuple(sorted(
         (naming.agent(p), naming.agent(c)) for p, cs in hierarchy.items() for c in (cs or [])))
-    return (naming.task(task_id), (doc.get("max_agents"), doc.get("max_concurrent"), doc.get("max_depth")),
-            (doc.get("total_spawned"), doc.get("active_count"), doc.get("completed_count")),
-            tuple(sorted(rows, key=repr)), pairs)
+    limits = (doc.get("max_agents"), doc.get("max_concurrent"), doc.get("max_depth")) if opts.limits else None
+    counters = None
+    if r.counters:
+        counters = (doc.get("total_spawned"), doc.get("active_count"),
+                    doc.get("completed_count") if r.completed_count is not None else None)
+    return (naming.task(task_id), limits, counters, tuple(sorted(rows, key=repr)), pairs)
 
 
-def _global_view(g: Mapping[str, Any], naming: Naming) -> tuple[Any, ...]:
+def _global_view(g: Mapping[str, Any], naming: Naming, opts: ViewOptions) -> tuple[Any, ...]:
+    r = opts.rules
     gagents = tuple(sorted(((naming.agent(aid), naming.task(a.get("task_id")), str(a.get("type")),
-                             naming.agent(a.get("parent", ORCHESTRATOR)), str(a.get("status")))
-                            for aid, a in (g.get("agents") or {}).items()), key=repr))
-    return (tuple(sorted(naming.task(t) for t in (g.get("tasks") or {}))), gagents,
-            (g.get("total_tasks"), g.get("total_agents_spawned"), g.get("active_agents")))
+                             naming.agent(a.get("parent", ORCHESTRATOR)) if r.hierarchy else ORCHESTRATOR,
+                             str(a.get("status")))
+                            for aid, a in (g.get("agents") or {}).items() if a.get("status") not in r.hidden),
+                           key=repr))
+    totals = (g.get("total_tasks"), g.get("total_agents_spawned"), g.get("active_agents")) if r.counters else None
+    return (tuple(sorted(naming.task(t) for t in (g.get("tasks") or {}))), gagents, totals)
 
 
 def model_view(state: RegistryModel, known: frozenset[str] | set[str], opts: ViewOptions) -> tuple[Any, ...]:
@@ -495,18 +350,22 @@ def model_view(state: RegistryModel, known: frozenset[str] | set[str], opts: Vie
         return handle if handle == ORCHESTRATOR or handle in known else "?"
 
     tasks = []
+    r = opts.rules
+    hier = r.hierarchy
     for t in state.tasks:
-        rows = tuple(sorted(((key(a.handle), a.type, key(a.parent), a.depth, a.status,
-                              a.progress if opts.progress else -1, _session_mark(a.active, a.session, opts))
-                             for a in t.agents), key=repr))
-        pairs = tuple(sorted((key(a.parent), key(a.handle)) for a in t.agents))
-        tasks.append((t.handle, (t.max_agents, t.max_concurrent, t.max_depth), t.counters, rows, pairs))
+        rows = tuple(sorted(((key(a.handle), a.type, key(a.parent) if hier else ORCHESTRATOR,
+                              a.depth if hier else None, a.status, a.progress if opts.progress and r.progress else -1,
+                              _session_mark(opts.active(a.status), a.session, opts))
+                             for a in t.agents if a.status not in r.hidden), key=repr))
+        pairs = tuple(sorted((key(a.parent), key(a.handle)) for a in t.agents)) if opts.agent_hierarchy else None
+        limits = (t.max_agents, t.max_concurrent, t.max_depth) if opts.limits else None
+        tasks.append((t.handle, limits, opts.counters(t.agents), rows, pairs))
     glob = None
     if opts.has_global:
-        gagents = tuple(sorted(((key(a.handle), t.handle, a.type, key(a.parent), a.status)
-                                for t in state.tasks for a in t.agents), key=repr))
+        gagents = tuple(sorted(((key(a.handle), t.handle, a.type, key(a.parent) if hier else ORCHESTRATOR, a.status)
+                                for t in state.tasks for a in t.agents if a.status not in r.hidden), key=repr))
         totals = (len(state.tasks), sum(len(t.agents) for t in state.tasks),
-                  sum(a.active for t in state.tasks for a in t.agents))
+                  sum(opts.active(a.status) for t in state.tasks for a in t.agents)) if r.counters else None
         glob = (tuple(sorted(t.handle for t in state.tasks)), gagents, totals)
     return tuple(sorted(tasks, key=repr)), glob
 
@@ -539,22 +398,29 @@ def pruner(observed: tuple[Any, ...], known: frozenset[str], opts: ViewOptions, 
             verdict = seen[state] = contradicts(state)
         return verdict
 
+    r = opts.rules
+    frozen_when_done = r.terminal_is_final and r.kill_of_terminal != "applied" and not r.hidden \
+        and r.unknown_status == "refused"
+
     def contradicts(state: RegistryModel) -> bool:
         for t in state.tasks:
             for a in t.agents:
-                if a.handle not in known:
-                    continue
+                if a.handle not in known or r.hidden:
+                    continue  # with tombstones an agent may vanish: nothing to prune on
                 if 0 in parts:
                     row = rows.get((t.handle, a.handle))
-                    if row is None or row[1:4] != (a.type, parent_key(a), a.depth):
+                    if row is None or row[1:4] != (a.type, parent_key(a) if r.hierarchy else ORCHESTRATOR,
+                                                   a.depth if r.hierarchy else None):
                         return True
-                    if not a.active and row[4:6] != (a.status, a.progress if opts.progress else -1):
+                    if frozen_when_done and not opts.active(a.status) and row[4:6] != (
+                            a.status, a.progress if opts.progress and r.progress else -1):
                         return True
                 if grows:
                     grow = grows.get(a.handle)
-                    if grow is None or grow[1:4] != (t.handle, a.type, parent_key(a)):
+                    if grow is None or grow[1:4] != (t.handle, a.type, parent_key(a) if r.hierarchy
+                                                     else ORCHESTRATOR):
                         return True
-                    if not a.active and grow[4] != a.status:
+                    if frozen_when_done and not opts.active(a.status) and grow[4] != a.status:
                         return True
         return False
 
@@ -815,7 +681,8 @@ class RegistryMachine(RuleBasedStateMachine):
             self._stack.close()
             raise
         self.promises = promises_of(self.adapter)
-        self.spec = Specification(self.promises)
+        self.spec = spec_of(self.adapter, self.promises)
+        self.registry_rules = self.spec.rules
         self.state = RegistryModel()
         self.ids: dict[str, str] = {}  # handle -> real id, for tasks and agents
         self.handles: dict[str, list[str]] = {}  # task handle -> every deploy handle drawn for it, in order
@@ -865,7 +732,17 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @property
     def view_options(self) -> ViewOptions:
-        return ViewOptions(self.compare_progress, self.check_sessions, has_global=True)
+        """What the documents and the model are compared on; see :class:`ViewOptions`."""
+        return ViewOptions(self.compare_progress, self.check_sessions, has_global=True, rules=self.registry_rules,
+                           limits=bool(self.promises))
+
+    def _options_for(self, snap: Snapshot) -> ViewOptions:
+        """The view options for one reading: a global registry if the registry keeps one, an agent_hierarchy if
+        every document has one."""
+        hierarchy = self.registry_rules.hierarchy and all(isinstance(doc.get("agent_hierarchy"), dict)
+                                                 for task_id, doc in snap.tasks.items() if task_id not in snap.errors)
+        return replace(self.view_options, has_global=snap.glob is not None or "global" in snap.errors,
+                       agent_hierarchy=hierarchy)
 
     def _new_agent(self, task: str) -> str:
         handle = f"a{next(self._agent_numbers)}"
@@ -887,7 +764,7 @@ class RegistryMachine(RuleBasedStateMachine):
         agent_id = self._agent_id(cmd.agent) if cmd.agent else ""
         if cmd.kind == "lose_session":
             agent = next((a for a in docs.get(task_id, {}).get("agents", []) if a.get("id") == agent_id), None)
-            return Op("lose_session", task_id, agent_id, session=_session_of(agent) if agent else "")
+            return Op("lose_session", task_id, agent_id, session=self.spec.session_of(agent) if agent else "")
         return Op(cmd.kind, task_id, agent_id, status=cmd.status, progress=cmd.progress)  # type: ignore[arg-type]
 
     def snapshot(self, ids: Mapping[str, str] | None = None) -> Snapshot:
@@ -923,7 +800,7 @@ class RegistryMachine(RuleBasedStateMachine):
                 ids[cmd.task] = str(rec.result)
         snap = self.snapshot(ids)
         self._after_step = None  # the invariants read the documents afresh, unless the step keeps this reading
-        opts = replace(self.view_options, has_global=snap.glob is not None or "global" in snap.errors)
+        opts = self._options_for(snap)
         observed = observed_view(snap, self._naming(ids), opts)
         calls = [Call(i, cmd, rec.invoke, rec.complete, rec.outcome, rec.result)
                  for i, (cmd, rec) in enumerate(zip(commands, records, strict=True))]
@@ -952,7 +829,8 @@ class RegistryMachine(RuleBasedStateMachine):
             for agent in t.agents:
                 if agent.handle in ids:
                     continue
-                match = next((a for a in unknown if a.get("type") == agent.type and a.get("depth") == agent.depth
+                match = next((a for a in unknown if a.get("type") == agent.type
+                              and (not self.registry_rules.hierarchy or a.get("depth") == agent.depth)
                               and a.get("status") == agent.status and naming.agent(a.get("parent")) == agent.parent),
                              None)
                 if match is not None:
@@ -1179,6 +1057,7 @@ class RegistryMachine(RuleBasedStateMachine):
         self.run_serial(Command("deploy", task, handle, agent_type))
         return handle
 
+    @precondition(lambda self: self.registry_rules.hierarchy)
     @rule(target=agents, parent=agents, agent_type=st.sampled_from(AGENT_TYPES))
     def deploy_child(self, parent: str, agent_type: str) -> str:
         task = self.task_of[parent]
@@ -1186,8 +1065,9 @@ class RegistryMachine(RuleBasedStateMachine):
         self.run_serial(Command("deploy", task, handle, agent_type, parent=parent))
         return handle
 
-    @rule(agent=agents, status=st.sampled_from(UPDATE_STATUSES), progress=st.integers(0, 100))
-    def update(self, agent: str, status: str, progress: int) -> None:
+    @rule(agent=agents, data=st.data(), progress=st.integers(0, 100))
+    def update(self, agent: str, data: st.DataObject, progress: int) -> None:
+        status = data.draw(st.sampled_from(update_statuses(self.registry_rules)), label="status")
         self.run_serial(Command("update", self.task_of[agent], agent, status=status, progress=progress))
 
     @rule(agent=agents)
@@ -1204,7 +1084,8 @@ class RegistryMachine(RuleBasedStateMachine):
     def burst(self, task: str, data: st.DataObject) -> Any:
         """2..N operations on *task* at the same instant; see :meth:`run_burst`."""
         known = tuple(self.handles[task])  # drawn handles only: the same program whatever the timing did
-        drawn = data.draw(st.lists(burst_commands(task, known), min_size=2, max_size=self.burst_max), label="burst")
+        drawn = data.draw(st.lists(burst_commands(task, known, self.registry_rules), min_size=2,
+                                   max_size=self.burst_max), label="burst")
         commands = [replace(c, agent=self._new_agent(task)) if c.kind == "deploy" else c for c in drawn]
         self.run_burst(commands)
         return multiple(*(c.agent for c in commands if c.kind == "deploy"))
@@ -1221,7 +1102,7 @@ class RegistryMachine(RuleBasedStateMachine):
     def documents_match_the_model(self) -> None:
         def run(memo: _Memo | None) -> _Checked:
             snap = self._invariant_snapshot()
-            opts = replace(self.view_options, has_global=snap.glob is not None or "global" in snap.errors)
+            opts = self._options_for(snap)
             want = model_view(self.state, frozenset(self.ids), opts)
             have = observed_view(snap, self._naming(self.ids), opts)
             if want == have:
@@ -1237,10 +1118,9 @@ class RegistryMachine(RuleBasedStateMachine):
             snap = self._invariant_snapshot()
             if snap.errors:
                 return _Checked()  # documents_match_the_model reports those
-            unpromised = ALL_PROMISES - self.promises
-            problems = [v for doc in snap.tasks.values() for v in task_violations(doc) if v.rule not in unpromised]
+            problems = [v for task_id, doc in snap.tasks.items() for v in self.spec.task_violations(task_id, doc)]
             if snap.glob is not None:
-                problems += global_violations(snap.glob, snap.tasks)
+                problems += self.spec.global_violations(snap.glob, snap.tasks)
             if not problems:
                 return _Checked()
             return _Checked(ModelMismatch("registry invariants are broken:\n  "
