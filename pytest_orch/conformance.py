@@ -170,6 +170,11 @@ class _Probe:
         return False
 
 
+def _set(statuses: frozenset[str] | set[str]) -> str:
+    """A set of statuses as one writes it in a declaration."""
+    return "frozenset({" + ", ".join(repr(x) for x in sorted(statuses)) + "})"
+
+
 def _terminal(spec: Spec, avoid: str) -> str | None:
     """A terminal status an update sets, other than *avoid*."""
     choices = sorted((spec.rules.update_statuses & spec.rules.terminal) - {avoid})
@@ -196,7 +201,7 @@ def _probe_updates(p: _Probe, t: str) -> None:
         if got.outcome != "ok":
             p.mismatch(f"update of active agent {a} to {status!r}", f"returned {got.outcome} ({got.error})",
                        f"settable includes {status!r}",
-                       f"Rules(settable={sorted(r.update_statuses - {status})!r})" if got.outcome == "fail" else "")
+                       f"Rules(settable={_set(r.update_statuses - {status})})" if got.outcome == "fail" else "")
             continue
         assert isinstance(effect, Applied)
         p.state = effect.state
@@ -359,20 +364,22 @@ def _probe_reconcile(p: _Probe, t: str) -> None:
         return
     if isinstance(effect, Applied):
         p.state = effect.state
-    reaped_to = {p.seen(t, a)[0] for a, status in lost.items() if p.seen(t, a)[0] != status}
-    for a, status in lost.items():
-        after = p.seen(t, a)[0]
-        if after == status and status in r.reaped:
-            p.mismatch(f"reconcile after agent {a}'s session was killed", f"left it {status}",
-                       f"reaped={sorted(r.reaped)!r}", f"Rules(reaped={sorted(r.reaped - {status})!r})")
-        elif after != status and status not in r.reaped:
-            p.mismatch(f"reconcile after agent {a}'s session was killed", f"made {status} agent {a} {after}",
-                       f"reaped={sorted(r.reaped)!r}", f"Rules(reaped={sorted(r.reaped | {status})!r})")
-        want = "absent" if p.spec.is_hidden(r.reaped_to) else r.reaped_to
-        if after not in (status, want) and len(reaped_to) == 1:
-            p.mismatch(f"reconcile after agent {a}'s session was killed", f"made it {after}",
-                       f"reaped_to={r.reaped_to!r}", f"Rules(reaped_to={after!r})")
-        p.adopt(t, a, after)
+    after = {a: p.seen(t, a)[0] for a in lost}
+    tested = set(lost.values())
+    reaped = {status for a, status in lost.items() if after[a] != status}
+    if reaped != tested & r.reaped:
+        did = "; ".join(f"made {status} agent {a} {after[a]}" if after[a] != status else f"left {status} agent {a}"
+                        for a, status in lost.items())
+        p.mismatch("reconcile after the agents' sessions were killed", did, f"reaped={_set(r.reaped)}",
+                   f"Rules(reaped={_set(reaped | (r.reaped - tested))})")
+    want = "absent" if p.spec.is_hidden(r.reaped_to) else r.reaped_to
+    reaped_to = {after[a] for a in lost if after[a] != lost[a]}
+    if reaped_to and reaped_to != {want}:
+        shown = sorted(reaped_to)[0]
+        p.mismatch("reconcile after the agents' sessions were killed", f"made them {', '.join(sorted(reaped_to))}",
+                   f"reaped_to={r.reaped_to!r}", f"Rules(reaped_to={shown!r})" if len(reaped_to) == 1 else "")
+    for a in lost:
+        p.adopt(t, a, after[a])
     if elsewhere is not None and other_task is not None:
         after = p.seen(other_task, elsewhere)[0]
         reaped_there = after != r.deployed_as
@@ -406,7 +413,7 @@ def _probe_limits(p: _Probe) -> None:
             p.mismatch(f"deploy past {rule} (limits {limits})", f"returned {got.outcome}"
                                                                  + (f" ({got.error})" if got.error else ""),
                        f"{rule} is promised (a refusal raises Rejected)",
-                       f"promises = frozenset({left!r})" if got.outcome == "ok" else "")
+                       f"promises = {_set(set(left))}" if got.outcome == "ok" else "")
 
 
 def _probe_documents(p: _Probe) -> None:
