@@ -227,7 +227,27 @@ def _field_problems(where: str, doc: Mapping[str, Any],
             for key, (ok, want) in checks.items() if key in doc and not ok(doc[key])]
 
 
+_MISSING = object()
+#: The same checks as _AGENT_FIELDS, as exact types (bool is no int here), for the fast path of every read.
+_AGENT_TYPES = tuple((key, frozenset(types) | {object}) for key, types in {
+    "status": (str, type(None)), "type": (str, type(None)), "parent": (str, type(None)),
+    "tmux_session": (str, type(None)), "depth": (int,), "progress": (int, float, type(None))}.items())
+
+
+def _agent_ok(agent: object) -> bool:
+    """Whether *agent* passes every check of :func:`_agent_problems` (fast: no message is built)."""
+    if type(agent) is not dict or type(agent.get("id")) is not str or not agent["id"]:
+        return False
+    get = agent.get
+    for key, types in _AGENT_TYPES:  # noqa: SIM110 (a loop: all() over a generator costs three times as much)
+        if type(get(key, _MISSING)) not in types:
+            return False
+    return True
+
+
 def _agent_problems(index: int, agent: object) -> list[str]:
+    if _agent_ok(agent):
+        return []
     if not isinstance(agent, dict):
         return [f"agents[{index}] is {_kind(agent)}, not an object with a string 'id'"]
     agent_id = agent.get("id")
