@@ -222,7 +222,10 @@ def _agent_step(spec: Spec) -> Callable[[AgentModel, Call], Applied[AgentModel] 
             return Applied(spec.lose_session(state))
         if op.name == "reconcile":
             return Applied(spec.reap(state))
-        after = spec.kill(state) if op.name == "kill" else spec.update(state, op.args["status"], op.args["progress"])
+        if op.name == "kill":
+            after = spec.kill(state)
+        else:
+            after = spec.update(state, op.args["status"], op.args.get("progress", 0))
         return after if isinstance(after, Refused) else Applied(after)
 
     return step

@@ -28,6 +28,7 @@ import multiprocess  # type: ignore[import-untyped]
 
 from .adapter import Rejected, load_factory
 from .history import History, Op, Outcome, Recorder, raised, read_events
+from .spec import rules_of
 
 __all__ = ["SwarmError", "SwarmTimeout", "Worker", "Workload", "run_swarm"]
 
@@ -89,6 +90,7 @@ class _Recorded:
     def __init__(self, worker: Worker) -> None:
         self._w = worker
         self._a = worker.adapter
+        self._progress = rules_of(worker.adapter).progress
 
     def create_task(self, description: str, *, max_agents: int, max_concurrent: int, max_depth: int) -> str | None:
         result: str | None = self._w.call(
@@ -103,8 +105,9 @@ class _Recorded:
         return result
 
     def update(self, task_id: str, agent_id: str, status: str, progress: int) -> bool:
+        shown = {"progress": progress} if self._progress else {}  # a registry without progress: none is reported
         self._w.call("update", lambda: self._a.update(task_id, agent_id, status, progress), task_id=task_id,
-                     agent_id=agent_id, status=status, progress=progress)
+                     agent_id=agent_id, status=status, **shown)
         return self._w.last == "ok"
 
     def kill(self, task_id: str, agent_id: str) -> bool:
