@@ -302,8 +302,9 @@ def _judge_agent(history: History, spec: Spec, step: Any, task_id: str, agent_id
         if ends(start):
             return None
         return Problem("lost_update", f"agent {agent_id} of task {task_id} is {_shown(spec, want)} but was"
-                                      f" {_shown(spec, (start.status, start.progress))} and nothing changed it",
-                       (agent_id,))
+                                      f" {_shown(spec, (start.status, start.progress))} and no operation could change"
+                                      " it: none was about it, and its session was never lost, so no reconcile"
+                                      " could reap it", (agent_id,), (born,) if born is not None else ())
     # A failed operation changed nothing and may sit anywhere: leaving it out loses no order.
     calls = [Call(i, op, op.invoke_ns, op.complete_ns, op.outcome) for i, op in enumerate(ops) if op.outcome != "fail"]
     search = linearize(calls, start, step, ends, strict_fail=False, budget=SEARCH_BUDGET)

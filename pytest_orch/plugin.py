@@ -22,7 +22,7 @@ import pytest
 
 from . import options as _options
 from .adapter import load_factory
-from .checks import OrchViolation, Report, check_history, read_final
+from .checks import OrchViolation, Report, check_history, describe_errors, read_final
 from .conformance import verdict_for
 from .history import History
 from .options import OrchOptions
@@ -260,7 +260,8 @@ class Swarm:
         self.request.node.user_properties.append(("orch_swarm", {
             "processes": history.concurrency, "ops": history.ops_per_process, "ok": history.count("ok"),
             "fail": history.count("fail"), "info": history.count("info"),
-            "ops_per_s": round(history.throughput, 1), "overlap": round(history.overlap(), 3)}))
+            "ops_per_s": round(history.throughput, 1), "overlap": round(history.overlap(), 3),
+            "errors": describe_errors(history.calls)}))
         return history
 
     def replay(self) -> str:
@@ -365,6 +366,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     row["ops_per_s"] = sum(s["ops_per_s"] for s in swarms) / len(swarms)
     row["overlap"] = min(s["overlap"] for s in swarms)
     row["notes"] = [n for c in checks for n in c.get("notes", [])]
+    row["errors"] = [e for s in swarms for e in s.get("errors", [])]
     _rows.append(row)
 
 
@@ -381,6 +383,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         violations = str(r["violations"]) if r["checked"] else "-"
         tr.write_line(f"{name:<{width}}  {r['processes']:>4} x {r['ops']:<4}  {r['ok']:>5} {r['fail']:>5}"
                       f" {r['info']:>5}  {r['ops_per_s']:>7.0f}  {r['overlap']:>7.0%}  {violations}")
+        for error in r["errors"]:
+            tr.write_line(f"  {error}")
     total = {k: sum(r[k] for r in _rows) for k in ("ok", "fail", "info", "violations")}
     tr.write_line(f"{'total: ' + str(len(_rows)) + ' swarm tests':<{width}}  {'':>11}  {total['ok']:>5}"
                   f" {total['fail']:>5} {total['info']:>5}  {'':>7}  {'':>7}  {total['violations']}")

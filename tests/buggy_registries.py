@@ -322,3 +322,17 @@ class _GlobalLockDropped(WithGlobal):
 def global_lock_dropped(workspace: Path) -> _GlobalLockDropped:
     """correct_registries:with_global, but the global file is updated without its lock: global entries get lost."""
     return _GlobalLockDropped(workspace)
+
+
+class _GlobalUnlockedRegistry(Registry):
+    """The reference, but the global registry is read, changed and written without its own lock (the task lock is
+    still taken): only writers of different tasks race on it."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base, heal=False)
+        self.global_file = _UnlockedFile(self.global_file.path, validate=model.global_shape_problems)
+
+
+def reference_global_unlocked(workspace: Path) -> ReferenceAdapter:
+    """The reference with the global registry's lock removed: status changes of several tasks at once get lost."""
+    return _adapter(_GlobalUnlockedRegistry(workspace))
