@@ -381,8 +381,8 @@ def _probe_reconcile(p: _Probe, t: str) -> None:
     for a in lost:
         p.adopt(t, a, after[a])
     if elsewhere is not None and other_task is not None:
-        after = p.seen(other_task, elsewhere)[0]
-        reaped_there = after != r.deployed_as
+        there = p.seen(other_task, elsewhere)[0]
+        reaped_there = there != r.deployed_as
         if reaped_there and r.reconcile_scope == "task" and r.deployed_as in r.reaped:
             p.mismatch("reconcile of one task", f"also reaped agent {elsewhere} of another task",
                        "reconcile_scope='task'", "Rules(reconcile_scope='registry')")
@@ -390,7 +390,7 @@ def _probe_reconcile(p: _Probe, t: str) -> None:
             p.mismatch("reconcile of one task", f"left agent {elsewhere} of another task, whose session was gone,"
                                                 " unreaped", "reconcile_scope='registry'",
                        "Rules(reconcile_scope='task')")
-        p.adopt(other_task, elsewhere, after)
+        p.adopt(other_task, elsewhere, there)
 
 
 def _probe_limits(p: _Probe) -> None:

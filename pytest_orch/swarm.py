@@ -105,7 +105,7 @@ class _Recorded:
         return result
 
     def update(self, task_id: str, agent_id: str, status: str, progress: int) -> bool:
-        shown = {"progress": progress} if self._progress else {}  # a registry without progress: none is reported
+        shown: dict[str, Any] = {"progress": progress} if self._progress else {}  # none for a registry without
         self._w.call("update", lambda: self._a.update(task_id, agent_id, status, progress), task_id=task_id,
                      agent_id=agent_id, status=status, **shown)
         return self._w.last == "ok"
