@@ -241,9 +241,11 @@ class Registry:
         """Register a new ``running`` agent and start its tmux session; return the agent's record.
 
         Reads the task registry once and the global registry once, and checks deduplication and every limit in the
-        same critical section as the insert.  If the session cannot start, nothing is registered; if registering
-        fails, the session is killed.  Raises DuplicateAgent, LimitExceeded, UnknownAgent (a parent that is not an
-        agent of the task), UnknownTask, SessionError, LockTimeout, CorruptRegistry, WriteFailed.
+        same critical section as the insert.  The new record is built (and serialized) before the session starts, so
+        a failure up to then leaves no session; if the session cannot start, nothing is registered; if anything fails
+        after it started and the agent is not on disk, the session is killed.  Raises DuplicateAgent, LimitExceeded,
+        UnknownAgent (a parent that is not an agent of the task), UnknownTask, SessionError, LockTimeout,
+        CorruptRegistry, UnsafePath, WriteFailed.
         """
         validate_name("agent type", agent_type)
         if parent != ORCHESTRATOR:
