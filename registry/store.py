@@ -403,9 +403,9 @@ class JsonFile:
             raise self._failed(exc, replaced=False) from exc
         try:
             self._replace(dir_fd, data)
-            self._write_backup(dir_fd, data)
         finally:
             os.close(dir_fd)
+        self._write_backup(data)
         io_stats.writes += 1
         io_stats.bytes_written += len(data)
 
@@ -440,13 +440,14 @@ class JsonFile:
                                                                   " durable."),
             path=str(self.path), errno=exc.errno, applied=None if replaced else False)
 
-    def _write_backup(self, dir_fd: int, data: bytes) -> None:
+    def _write_backup(self, data: bytes) -> None:
         """Copy the committed bytes over ``<file>.bak``: best effort, so a failure here fails nothing.
 
-        Never through a symlink, and only over a regular file (``orch-registry check`` reports anything else).
+        Never through a symlink (the directory was just opened without following one), and only over a regular
+        file (``orch-registry check`` reports anything else).
         """
         with contextlib.suppress(OSError):
-            fd = os.open(backup_path(self.path).name, _BACKUP_FLAGS, 0o644, dir_fd=dir_fd)
+            fd = os.open(backup_path(self.path), _BACKUP_FLAGS, 0o644)
             try:
                 if stat.S_ISREG(os.fstat(fd).st_mode):
                     _write_all(fd, data)
