@@ -65,6 +65,14 @@ class _RegistryAdapter:
 
     reg: Any
 
+    @property
+    def expected_errors(self) -> tuple[type[Exception], ...]:
+        """What the registry raises by design when an outcome is unknown (a failed disk write, a lock timeout):
+        those stay ``info`` and are counted, not reported as crashes."""
+        from registry.errors import LockTimeout, WriteFailed
+
+        return (WriteFailed, LockTimeout)
+
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         from registry.errors import RegistryError
 

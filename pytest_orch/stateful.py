@@ -103,6 +103,8 @@ MAX_AGENTS = (20, 1, 2, 3, 5)
 MAX_CONCURRENT = (10, 1, 2, 3)
 MAX_DEPTH = (4, 1, 2, 3)
 KEEPALIVE_SESSION = "orch-keepalive"
+#: The limits of a task, in the order the views show them.
+LIMITS = ("max_agents", "max_concurrent", "max_depth")
 
 # --------------------------------------------------------------------------------------------------------------------
 # Settings profiles
@@ -254,7 +256,7 @@ class Naming:
 class ViewOptions:
     """What the documents and the model are compared on.
 
-    ``limits``: the task's limits (compared when the registry promises any); ``agent_hierarchy``: the documents have
+    ``limits``: the limits compared (those the registry promises); ``agent_hierarchy``: the documents have
     one (it is optional everywhere); the rest follows the registry's declared ``rules``.
     """
 
@@ -262,8 +264,11 @@ class ViewOptions:
     sessions: bool = True
     has_global: bool = True
     rules: Rules = field(default_factory=Rules)
-    limits: bool = True
+    limits: frozenset[str] = frozenset({"max_agents", "max_concurrent", "max_depth"})
     agent_hierarchy: bool = True
+
+    def limit_values(self, limits: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+        return tuple(v if k in self.limits else None for k, v in zip(LIMITS, limits, strict=True))
 
     def active(self, status: object) -> bool:
         return self.rules.is_active(status)
@@ -324,7 +329,7 @@ def _task_view(task_id: str, doc: Mapping[str, Any], snap: Snapshot, naming: Nam
     hierarchy = doc.get("agent_hierarchy")
     pairs = None if not (opts.agent_hierarchy and isinstance(hierarchy, dict)) else tuple(sorted(
         (naming.agent(p), naming.agent(c)) for p, cs in hierarchy.items() for c in (cs or [])))
-    limits = (doc.get("max_agents"), doc.get("max_concurrent"), doc.get("max_depth")) if opts.limits else None
+    limits = opts.limit_values((doc.get("max_agents"), doc.get("max_concurrent"), doc.get("max_depth")))
     counters = None
     if r.counters:
         counters = (doc.get("total_spawned"), doc.get("active_count"),
@@ -358,7 +363,7 @@ def model_view(state: RegistryModel, known: frozenset[str] | set[str], opts: Vie
                               _session_mark(opts.active(a.status), a.session, opts))
                              for a in t.agents if a.status not in r.hidden), key=repr))
         pairs = tuple(sorted((key(a.parent), key(a.handle)) for a in t.agents)) if opts.agent_hierarchy else None
-        limits = (t.max_agents, t.max_concurrent, t.max_depth) if opts.limits else None
+        limits = opts.limit_values((t.max_agents, t.max_concurrent, t.max_depth))
         tasks.append((t.handle, limits, opts.counters(t.agents), rows, pairs))
     glob = None
     if opts.has_global:
@@ -734,7 +739,7 @@ class RegistryMachine(RuleBasedStateMachine):
     def view_options(self) -> ViewOptions:
         """What the documents and the model are compared on; see :class:`ViewOptions`."""
         return ViewOptions(self.compare_progress, self.check_sessions, has_global=True, rules=self.registry_rules,
-                           limits=bool(self.promises))
+                           limits=self.promises & frozenset(LIMITS))
 
     def _options_for(self, snap: Snapshot) -> ViewOptions:
         """The view options for one reading: a global registry if the registry keeps one, an agent_hierarchy if
