@@ -19,7 +19,15 @@ A team points the harness at its own registry by writing a factory::
 and running ``pytest --pyargs pytest_orch.suite --orch-impl=myorch.testing:adapter``.
 
 Outcomes, as in Jepsen: a return is ``ok`` (applied), :class:`Rejected` is ``fail`` (certainly not applied), anything
-else is ``info`` (unknown: it may or may not have been applied).  Raise Rejected only when you are sure.
+else is ``info`` (unknown: it may or may not have been applied).  Raise Rejected only when you are sure: a
+``{"success": False}`` result that may have written something is not a refusal.  An exception is counted, and fails
+the test as a ``crash`` (or ``torn_read``) unless the adapter declares it with ``expected_errors = (LockTimeout,)``.
+
+Besides ``promises``, an adapter declares the rules its registry follows where legitimate designs differ
+(``rules = Rules(kill_of_terminal="ignored")``, see :class:`pytest_orch.spec.Rules`), or a specification of its own
+(``spec = MySpec``, a subclass of :class:`pytest_orch.spec.Spec`).  ``read_task`` returns ``{"agents": [...]}`` with
+the keys the declared rules name; ``read_global`` may return None.  Background actors of the registry (reapers,
+daemons) must be stopped for the run, or their effect declared.  The README states each operation's meaning.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ class RegistryAdapter(Protocol):
     def kill(self, task_id: str, agent_id: str) -> None: ...
     def reconcile(self, task_id: str) -> None: ...  # the status call that reaps agents whose session is gone
     def read_task(self, task_id: str) -> dict[str, Any]: ...  # the task registry document
-    def read_global(self) -> dict[str, Any]: ...  # the global registry document, or None if there is none
+    def read_global(self) -> dict[str, Any] | None: ...  # the global registry document, or None if there is none
 
 
 Factory = Callable[[Path], RegistryAdapter]
