@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,8 +10,10 @@ import pytest
 from pytest_orch.tmux import QUIET_AGENT_COMMAND, private_server
 from registry import Registry, TmuxSessions
 
-SAMPLES = (Path(__file__).resolve().parents[1].parent / "shared" / "samples" / "orchestrator-2025-10"
-           / ".agent-workspace")
+#: The real registry files, found as the benchmarks find them: ``$ORCH_SAMPLES`` (a workspace folder) or the samples in
+#: ``shared/`` beside the checkout.
+SAMPLES = Path(os.environ.get("ORCH_SAMPLES") or Path(__file__).resolve().parents[2] / "shared" / "samples"
+               / "orchestrator-2025-10" / ".agent-workspace")
 
 
 @pytest.fixture
@@ -37,7 +40,8 @@ def reg(base: Path, tmux: TmuxSessions) -> Registry:
 def samples(tmp_path: Path) -> Path:
     """A writable copy of the real registry files in shared/samples."""
     if not SAMPLES.is_dir():
-        pytest.skip(f"the samples are not at {SAMPLES}")
+        pytest.skip(f"the sample registries are not at {SAMPLES}: set ORCH_SAMPLES to a workspace of them"
+                    " (shared/samples/orchestrator-2025-10/.agent-workspace)")
     copy = tmp_path / "samples"
     shutil.copytree(SAMPLES, copy)
     for path in copy.rglob("*"):

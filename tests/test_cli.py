@@ -50,7 +50,8 @@ def test_check_on_the_samples_reports_exactly_the_one_zombie(samples: Path, tmux
 
 def test_check_reads_the_shared_read_only_samples_in_place(tmux: TmuxSessions) -> None:
     if not SAMPLES.is_dir():
-        pytest.skip(f"the samples are not at {SAMPLES}")
+        pytest.skip(f"the sample registries are not at {SAMPLES}: set ORCH_SAMPLES to a workspace of them"
+                    " (shared/samples/orchestrator-2025-10/.agent-workspace)")
     before = snapshot(SAMPLES)
     result = orch_registry("check", "--json", "--base", SAMPLES)
     assert result.returncode == 1, result.stderr
