@@ -1,4 +1,4 @@
-"""The tests find the sample registries through ``ORCH_SAMPLES``, as the benchmarks do, and skip saying so when absent."""
+"""The tests find the sample registries through ``ORCH_SAMPLES`` as the benchmarks do, and skip saying so if absent."""
 
 from __future__ import annotations
 
