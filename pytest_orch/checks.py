@@ -471,6 +471,8 @@ def global_agreement(history: History, final: Final) -> list[Problem]:
 def real_concurrency(history: History, final: Final) -> list[Problem]:
     if history.concurrency < 2 or not history.calls:
         return []
+    if history.schedule is not None and history.schedule.steps:  # the scheduler decided the interleaving
+        return list(history.schedule.concurrency_problems())
     overlap = history.overlap()
     if overlap >= MIN_OVERLAP:
         return []

@@ -178,6 +178,7 @@ class History:
     end_ns: int
     initial: dict[str, dict[str, Any]] = field(default_factory=dict)  # task id -> document before the swarm
     worker_exits: dict[int, int | None] = field(default_factory=dict)  # process -> exit code (< 0: signal)
+    schedule: Any = None  # the ScheduleRun of a scheduled swarm (pytest_orch.schedule), None when free-running
 
     def __iter__(self) -> Iterator[Op]:
         return iter(self.ops)

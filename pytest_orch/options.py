@@ -13,6 +13,7 @@ class OrchOptions:
     seed: int = 0
     timeout: float = 300.0
     chaos: str | None = None  # --orch-chaos, e.g. "sigkill=3"; None: no faults
+    schedule: str | None = None  # --orch-schedule, "random" or "pct:3" (pytest_orch.schedule); None: free-running
 
 
 _current = OrchOptions()

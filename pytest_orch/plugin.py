@@ -79,6 +79,15 @@ def _chaos(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _schedule(text: str) -> str:
+    from .schedule import parse_schedule
+
+    try:
+        return parse_schedule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _impl(text: str) -> str:
     if text in ("reference", "legacy"):
         return text
@@ -121,6 +130,8 @@ _OPTIONS = (
                                         " are killed (default 300)"),
     _Option("chaos", _chaos, None, "inject faults into every swarm: 'sigkill' or 'sigkill=N' kills up to N (3)"
                                    " random workers at random moments (default: none)"),
+    _Option("schedule", _schedule, None, "take turns at every file-system event: 'random' or 'pct[:DEPTH]', seeded"
+                                         " by --orch-seed (default: none, free-running)"),
 )
 
 
@@ -174,6 +185,7 @@ def pytest_configure_node(node: Any) -> None:  # pragma: no cover - xdist's hook
 def pytest_report_header(config: pytest.Config) -> str:
     o = _options.current()
     chaos = f", chaos={o.chaos}" if o.chaos else ""
+    chaos += f", schedule={o.schedule}" if o.schedule else ""
     return (f"orch: impl={o.impl}, concurrency={o.concurrency}, ops={o.ops}, seed={o.seed}, timeout={o.timeout:g}s"
             + chaos)
 
@@ -246,16 +258,22 @@ class Swarm:
                  during: Callable[[SwarmHandle], None] | None = None) -> History:
         __tracebackhide__ = True
         o = self.options
-        if during is None and o.chaos:
+        if during is None and o.chaos and not o.schedule:  # scheduled: a kill is a step of the schedule
             from .chaos import parse_chaos, random_sigkills
 
             during = random_sigkills(f"{o.seed}:{self.request.node.nodeid}:{len(self.histories)}",
                                      parse_chaos(o.chaos).sigkills)
         initial = {t: self.registry.read_task(t) for t in tasks or []}
         self.sessions_before = frozenset(live_sessions())
+        schedule = None
+        if o.schedule:
+            from .schedule import for_swarm
+
+            schedule = for_swarm(self, workload, tasks=tasks, concurrency=concurrency or o.concurrency,
+                                 ops=ops or o.ops, shared=shared, initial=initial)
         history = run_swarm(o.impl, self.workspace, workload, concurrency=concurrency or o.concurrency,
                             ops=ops or o.ops, seed=o.seed, timeout=o.timeout, label=self.request.node.nodeid,
-                            shared=shared, initial=initial, during=during)
+                            shared=shared, initial=initial, during=during, schedule=schedule)
         self.histories.append(history)
         self.request.node.user_properties.append(("orch_swarm", {
             "processes": history.concurrency, "ops": history.ops_per_process, "ok": history.count("ok"),
@@ -270,6 +288,8 @@ class Swarm:
                 f"--orch-concurrency={o.concurrency}", f"--orch-ops={o.ops}"]
         if o.chaos:
             args.append(f"--orch-chaos={o.chaos}")
+        if o.schedule:
+            args.append(f"--orch-schedule={o.schedule}")
         return "pytest " + " ".join(shlex.quote(a) for a in args)
 
     def check(self, history: History, *, tasks: list[str] | None = None, checks: list[str] | None = None,
@@ -292,6 +312,10 @@ class Swarm:
                            sessions_before=self.sessions_before, clock=clock)
         report = check_history(history, final, checks=checks, replay=self.replay(), exercises=exercises,
                                at_least=at_least)
+        if history.schedule is not None:  # more schedules when it passed, the failure shrunk when it failed
+            from .schedule import explain
+
+            report = explain(self, report, checks=checks, exercises=exercises, at_least=at_least)
         self.request.node.user_properties.append(("orch_check", {
             "violations": len(report.problems), "checks": sorted({p.check for p in report.problems}),
             "notes": list(report.notes)}))

@@ -28,6 +28,7 @@ import multiprocess  # type: ignore[import-untyped]
 
 from .adapter import Rejected, load_factory
 from .history import History, Op, Outcome, Recorder, raised, read_events
+from .schedule import child as _scheduled_child
 from .spec import rules_of
 
 __all__ = ["SwarmError", "SwarmTimeout", "Worker", "Workload", "run_swarm"]
@@ -141,6 +142,7 @@ def _worker_main(process: int, factory_spec: str, workspace: Path, workload: Wor
         raise SystemExit(3) from None
     recorder = Recorder(run_dir / f"worker-{process}.jsonl", process)
     worker = Worker(process, ops, seed, workspace, adapter, recorder, shared)
+    _scheduled_child(worker)  # a no-op unless the swarm is scheduled (--orch-schedule)
     try:
         barrier.wait(_START_TIMEOUT)
     except Exception:
@@ -193,11 +195,12 @@ class SwarmHandle:
 def run_swarm(factory_spec: str, workspace: Path, workload: Workload, *, concurrency: int, ops: int, seed: int,
               timeout: float, label: str = "", shared: dict[str, Any] | None = None,
               initial: dict[str, dict[str, Any]] | None = None,
-              during: Callable[[SwarmHandle], None] | None = None) -> History:
+              during: Callable[[SwarmHandle], None] | None = None, schedule: Any = None) -> History:
     """Run *workload* in *concurrency* processes against the registry at *workspace*; return the History.
 
     Raises SwarmError if a worker cannot open its adapter or the workload raises, and SwarmTimeout (with every live
-    worker's stack) if the swarm is not done within *timeout* seconds.
+    worker's stack) if the swarm is not done within *timeout* seconds.  With *schedule*
+    (a :class:`pytest_orch.schedule.Schedule`) the workers take turns at every file-system event.
     """
     from .history import HARNESS
 
@@ -212,6 +215,8 @@ def run_swarm(factory_spec: str, workspace: Path, workload: Workload, *, concurr
     ]
     harness = Recorder(run_dir / "harness.jsonl", HARNESS)
     try:
+        if schedule is not None:
+            schedule.fork(concurrency, ops)
         for p in processes:
             p.start()
         try:
@@ -222,6 +227,8 @@ def run_swarm(factory_spec: str, workspace: Path, workload: Workload, *, concurr
             raise SwarmError(_errors(run_dir) or "the workers did not all reach the start barrier") from None
         start_ns = time.monotonic_ns()
         handle = SwarmHandle(processes, start_ns, harness, run_dir)
+        if schedule is not None:
+            schedule.start(handle)
         thread = None
         if during is not None:
             thread = threading.Thread(target=during, args=(handle,), name="orch-during", daemon=True)
@@ -231,6 +238,7 @@ def run_swarm(factory_spec: str, workspace: Path, workload: Workload, *, concurr
             p.join(max(0.0, deadline - time.monotonic()))
         end_ns = time.monotonic_ns()
         handle.done.set()
+        taken = schedule.stop() if schedule is not None else None
         if thread is not None:
             thread.join(10)
         late = [i for i, p in enumerate(processes) if p.is_alive()]
@@ -247,7 +255,7 @@ def run_swarm(factory_spec: str, workspace: Path, workload: Workload, *, concurr
         start_ns = min([start_ns, *(op.invoke_ns for op in ops_seen)])
         return History(ops=ops_seen, concurrency=concurrency, ops_per_process=ops, seed=seed, impl=factory_spec,
                        start_ns=start_ns, end_ns=end_ns, initial=dict(initial or {}),
-                       worker_exits={i: p.exitcode for i, p in enumerate(processes)})
+                       worker_exits={i: p.exitcode for i, p in enumerate(processes)}, schedule=taken)
     finally:
         for p in processes:
             if p.is_alive():
@@ -256,6 +264,8 @@ def run_swarm(factory_spec: str, workspace: Path, workload: Workload, *, concurr
                 p.join(5)
         with contextlib.suppress(OSError):
             harness.close()
+        if schedule is not None:
+            schedule.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
