@@ -318,14 +318,13 @@ def _judge_agent(history: History, spec: Spec, step: Any, task_id: str, agent_id
     own_ok = [c.op for c in calls if c.outcome == "ok" and not c.op.fault and c.op.name != "reconcile"]
     if search.final_states:
         ends_in = ", ".join(sorted({_shown(spec, (s.status, s.progress)) for s in search.final_states}))
-        gone = [calls[i].op for i in lost(calls, start, step, ends, strict_fail=False, budget=SEARCH_BUDGET)]
+        gone = _explaining(calls, start, step, ends)
         why = f"orders end in {ends_in}"
         if gone:
             why += "; it is what they leave if " + " or ".join(f"{op.describe()} by p{op.process}" for op in gone) \
                    + " never ran, yet it returned ok"
     else:
-        impossible = [calls[i].op for i in lost(calls, start, step, lambda s: True, strict_fail=False,
-                                                 budget=SEARCH_BUDGET)]
+        impossible = _explaining(calls, start, step, lambda s: True)
         gone = impossible
         named = " or ".join(f"{op.describe()} by p{op.process}" for op in impossible) or "an ok operation"
         why = (f"no order completes: {named} returned ok where the rules refuse it in every order"
@@ -335,6 +334,19 @@ def _judge_agent(history: History, spec: Spec, step: Any, task_id: str, agent_id
                                   f" order of its {acked} acknowledged operations produces; {why}",
                    (agent_id,), tuple(shown) + ((born,) if born is not None else ()),
                    _overlapping(history, gone or own_ok, task_id, agent_id))
+
+
+#: Beyond this many operations of one agent a report does not search which one's absence explains the outcome (each
+#: candidate is a search of its own).
+EXPLAIN_LIMIT = 200
+
+
+def _explaining(calls: list[Call], start: AgentModel, step: Any, ends: Callable[[AgentModel], bool]) -> list[Op]:
+    """The ok operations whose absence alone explains the outcome: the lost (or impossible) ones."""
+    if len(calls) > EXPLAIN_LIMIT:
+        return []
+    by_id = {c.id: c.op for c in calls}
+    return [by_id[i] for i in lost(calls, start, step, ends, strict_fail=False, budget=SEARCH_BUDGET)]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ False
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import bisect
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -103,23 +104,62 @@ def linearize(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable
     n = len(calls)
     search: Search[S] = Search(order=None)
     seen: set[tuple[int, S]] = set()
-    # must_precede[i]: bitmask of calls that completed before call i was invoked.
-    must_precede = [0] * n
-    for i, c in enumerate(calls):
-        for j, d in enumerate(calls):
-            if i != j and d.complete is not None and d.complete < c.invoke:
-                must_precede[i] |= 1 << j
+    must_precede = _real_time_order(calls)
     full = (1 << n) - 1
     # Try calls in the order they completed: a registry that serializes its writers (a lock) completes them in about
     # the order it applied them, so the witness of a good history is found on the first path.
     preferred = sorted(range(n), key=lambda i: (calls[i].complete is None, calls[i].complete or 0, calls[i].invoke, i))
-    order: list[str] = []
 
     def alternatives(state: S, call: Call) -> list[Applied[S] | Refused]:
         effect = step(state, call)
         return [effect] if isinstance(effect, Applied | Refused) else list(effect)
 
-    def dfs(done: int, state: S) -> bool:
+    by_invoke = sorted(range(n), key=lambda i: (calls[i].invoke, i))
+    rank = {i: r for r, i in enumerate(preferred)}
+
+    def candidates(done: int, first: tuple[int, int]) -> list[int]:
+        """The calls that may come next, in preferred order.  *first* are the positions of the first call not done
+        in ``preferred`` and in ``by_invoke``: a call invoked after the earliest completion of a call not yet done
+        must wait for it, so the scan stops there."""
+        horizon = calls[preferred[first[0]]].complete
+        out = []
+        for i in by_invoke[first[1]:]:
+            if horizon is not None and calls[i].invoke > horizon:
+                break
+            if not done & (1 << i) and not must_precede[i] & ~done:
+                out.append(i)
+        return sorted(out, key=rank.__getitem__)
+
+    def advance(done: int, first: tuple[int, int]) -> tuple[int, int]:
+        p, q = first
+        while p < n and done & (1 << preferred[p]):
+            p += 1
+        while q < n and done & (1 << by_invoke[q]):
+            q += 1
+        return p, q
+
+    def moves(done: int, state: S, first: tuple[int, int]) -> Iterator[tuple[str, int, S, tuple[int, int]]]:
+        """Every next step from (done, state): the label it adds to the order, and where it leads."""
+        for i in candidates(done, first):
+            c = calls[i]
+            bit = 1 << i
+            effects = alternatives(state, c)
+            applied = [e for e in effects if isinstance(e, Applied)]
+            if c.outcome == "ok":
+                for effect in applied:
+                    if results_match is None or results_match(c, effect.result):
+                        yield str(c.id), done | bit, effect.state, first
+            elif c.outcome == "fail":
+                if not strict_fail or len(applied) < len(effects):
+                    yield f"!{c.id}", done | bit, state, first
+            else:  # info: it took effect here, or never
+                for effect in applied:
+                    yield f"?{c.id}", done | bit, effect.state, first
+                yield f"~{c.id}", done | bit, state, first
+
+    def enter(done: int, state: S, order: list[str],
+              first: tuple[int, int]) -> bool | Iterator[tuple[str, int, S, tuple[int, int]]]:
+        """True: a witness ends here; False: nothing to explore from here; else the moves to explore."""
         if done == full:
             if accept(state):
                 search.final_state = state
@@ -139,42 +179,47 @@ def linearize(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable
             return False
         seen.add(key)
         search.explored += 1
-        for i in preferred:
-            c = calls[i]
-            bit = 1 << i
-            if done & bit or must_precede[i] & ~done:
-                continue
-            effects = alternatives(state, c)
-            applied = [e for e in effects if isinstance(e, Applied)]
-            if c.outcome == "ok":
-                for effect in applied:
-                    if results_match is not None and not results_match(c, effect.result):
-                        continue
-                    order.append(str(c.id))
-                    if dfs(done | bit, effect.state):
-                        return True
-                    order.pop()
-            elif c.outcome == "fail":
-                if not strict_fail or len(applied) < len(effects):
-                    order.append(f"!{c.id}")
-                    if dfs(done | bit, state):
-                        return True
-                    order.pop()
-            else:  # info: it took effect here, or never
-                for effect in applied:
-                    order.append(f"?{c.id}")
-                    if dfs(done | bit, effect.state):
-                        return True
-                    order.pop()
-                order.append(f"~{c.id}")
-                if dfs(done | bit, state):
-                    return True
-                order.pop()
-        return False
+        return moves(done, state, advance(done, first))
 
-    if dfs(0, initial):
-        search.order = list(order)
+    # Depth-first with an explicit stack (a history of thousands of calls is thousands of levels deep):
+    # len(order) == len(stack) - 1, the labels of the moves that led to each frame but the first.
+    order: list[str] = []
+    root = enter(0, initial, order, (0, 0))
+    if root is True:
+        search.order = []
+        return search
+    stack = [] if root is False else [root]
+    while stack:
+        move = next(stack[-1], None)
+        if move is None:
+            stack.pop()
+            if order:
+                order.pop()
+            continue
+        label, done, state, first = move
+        order.append(label)
+        found = enter(done, state, order, first)
+        if found is True:
+            search.order = list(order)
+            return search
+        if found is False:
+            order.pop()
+        else:
+            stack.append(found)
     return search
+
+
+def _real_time_order(calls: Sequence[Call]) -> list[int]:
+    """``[i]``: the bitmask of the calls that completed before call *i* was invoked (they must come first).
+
+    The calls sorted by completion make each mask a prefix of that order, so this is O(n log n) plus the masks.
+    """
+    by_complete = sorted((c.complete, i) for i, c in enumerate(calls) if c.complete is not None)
+    completes = [t for t, _ in by_complete]
+    prefix = [0]
+    for _, i in by_complete:
+        prefix.append(prefix[-1] | (1 << i))
+    return [prefix[bisect.bisect_left(completes, c.invoke)] & ~(1 << i) for i, c in enumerate(calls)]
 
 
 def lost(calls: Sequence[Call], initial: S, step: Step[S], accept: Callable[[S], bool], **options: Any) -> list[Any]:

@@ -174,3 +174,31 @@ def test_a_search_that_runs_out_of_budget_says_so() -> None:
     assert not search.ok
     assert search.exhausted
     assert search.explored == 5
+
+
+def test_a_history_of_5000_updates_of_one_agent_is_searched_without_recursion() -> None:
+    """Thousands of calls are thousands of levels of search: the search keeps its own stack, not Python's."""
+    import sys
+    import time
+
+    from pytest_orch.checks import Final, lost_updates
+    from pytest_orch.history import History, Op
+
+    n = 5000
+    ops = [Op(0, 0, "deploy", {"task_id": "T", "type": "a", "parent": "orchestrator"}, 0, 5, "ok", "a")]
+    for k in range(n):  # two processes alternating, each update overlapping the next
+        ops.append(Op(k % 2, k + 1, "update", {"task_id": "T", "agent_id": "a", "status": "working", "progress": k},
+                      10 + 10 * k, 25 + 10 * k, "ok"))
+    history = History(ops, 2, n, 7, "test", 0, 30 + 10 * n)
+
+    def doc(progress: int) -> dict[str, object]:
+        return {"task_id": "T", "agents": [{"id": "a", "type": "a", "status": "working", "progress": progress}]}
+
+    started = time.monotonic()
+    assert sys.getrecursionlimit() < n
+    assert lost_updates(history, Final({"T": doc(n - 1)}, None, frozenset())) == []
+    # The last update cannot be lost behind the one before it: they overlap, so either may win.
+    assert lost_updates(history, Final({"T": doc(n - 2)}, None, frozenset())) == []
+    problems = lost_updates(history, Final({"T": doc(n - 3)}, None, frozenset()))
+    assert [p.check for p in problems] == ["lost_update"]
+    assert time.monotonic() - started < 60
