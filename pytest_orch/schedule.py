@@ -874,10 +874,14 @@ def for_swarm(swarm: Any, workload: Any, *, tasks: list[str] | None, concurrency
 
 def _restore(rr: Rerun) -> None:
     """The workspace and the tmux sessions as they were before the first run."""
-    from .tmux import live_sessions
+    from .tmux import QUIET_AGENT_COMMAND, live_sessions
 
-    for name in set(live_sessions()) - rr.sessions_before:
+    alive = set(live_sessions())
+    for name in alive - rr.sessions_before:
         subprocess.run(["tmux", "kill-session", "-t", f"={name}"], capture_output=True, check=False)
+    for name in sorted(rr.sessions_before - alive):  # killed by the run (a lost session): back as it was
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, QUIET_AGENT_COMMAND], capture_output=True,
+                       check=False)
     for entry in list(rr.workspace.iterdir()):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
