@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import model
-from .errors import CorruptRegistry, RegistryError, SessionError, UnsafePath
+from . import archive, model
+from .errors import CorruptRegistry, RegistryError, RegistryMissing, SessionError, UnsafePath
 from .groupcommit import queue_dir, stale_queue_files
 from .model import Violation, is_active
 from .ops import Registry, now
@@ -138,13 +138,13 @@ def _load_all(reg: Registry, task_ids: list[str] | None = None
             findings.append(_unreadable(exc, reg.task_file(task_id).path, task_id))
     glob: dict[str, Any] | None = None
     try:
-        glob = reg.global_file.read()
-    except FileNotFoundError:
+        glob = reg._read_global(merged=True)
+    except RegistryMissing:
         if tasks or findings:
             findings.append(Finding("missing", f"the global registry {reg.global_file.path} is missing",
                                     path=str(reg.global_file.path)))
     except (RegistryError, OSError) as exc:
-        findings.append(_unreadable(exc, reg.global_file.path, None))
+        findings.append(_unreadable(exc, Path(getattr(exc, "path", "") or reg.global_file.path), None))
     if glob is not None:
         present = set(tasks) | {f.task_id for f in findings if f.task_id}
         for task_id in sorted(set(glob.get("tasks", {})) - present):
@@ -182,7 +182,9 @@ def _stray_findings(reg: Registry) -> list[Finding]:
                      + "; every command skips it. Move it out of the workspace.", path=str(path))
              for path in reg.strays()]
     global_dir = reg.global_file.path.parent
-    places = [(global_dir, True, "the global registry")]
+    places = [(global_dir, True, "the global registry"),
+              (archive.archive_path(reg.global_file.path), False, "the global registry's archive"),
+              (archive.ids_path(reg.global_file.path), False, "the global registry's archived ids")]
     for file in [reg.task_file(t) for t in reg.task_ids()] + [reg.global_file]:
         places += [(file.lock_path, False, "a lock file"), (backup_path(file.path), False, "a backup"),
                    (queue_dir(file.path), True, "the group-commit queue")]
@@ -231,6 +233,9 @@ def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthRe
     if glob is not None:
         complete = not any(f.kind in UNREADABLE and f.task_id for f in findings)
         findings += [_violation(v) for v in model.global_violations(glob, tasks, complete=complete)]
+        findings += [Finding("archive_drift", f"{problem}; repair writes the global registry whole and removes the"
+                                              " archive", path=str(archive.archive_path(reg.global_file.path)))
+                     for problem in _archive_problems(reg)]
     alive: set[str] | None
     try:
         alive = reg.sessions.alive()
@@ -247,6 +252,17 @@ def check(base: str | Path, *, sessions: TmuxSessions | None = None) -> HealthRe
     return HealthReport(str(reg.base), len(tasks), len(agents), sum(1 for a in agents if is_active(a)),
                         None if alive is None else sum(1 for s in alive if s.startswith("agent_")),
                         tuple(findings))
+
+
+def _archive_problems(reg: Registry) -> list[str]:
+    """Where the global registry's bookkeeping of its archive disagrees with the archive (nothing if unreadable)."""
+    try:
+        hot = JsonFile.read(reg.global_file)
+        entries = archive.read_entries(reg.global_file.path)
+        ids = archive.read_ids(reg.global_file.path)
+    except (RegistryError, OSError):
+        return []  # reported as unreadable already
+    return archive.bookkeeping_problems(hot, entries, ids)
 
 
 def _stale_temps(reg: Registry) -> list[Path]:
@@ -268,6 +284,12 @@ def _backup(reg: Registry, files: list[JsonFile]) -> Path:
         dest = target / file.path.relative_to(reg.base)
         make_dirs(dest.parent)
         dest.write_bytes(data)
+    for path in (archive.archive_path(reg.global_file.path), archive.ids_path(reg.global_file.path)):
+        with contextlib.suppress(OSError, RegistryError):
+            data = read_file(path)
+            dest = target / path.relative_to(reg.base)
+            make_dirs(dest.parent)
+            dest.write_bytes(data)
     return target
 
 
@@ -426,8 +448,12 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
             if disagreements:
                 actions.append(f"re-synced the global registry with the tasks ({len(disagreements)} disagreements)")
         global_unusable = any(p.kind in ("unsafe", "unreadable") and not p.task_id for p in problems)
-        write_global = (glob is not None and dumps(glob) != original_global and (dry_run or global_locked)
-                        and not global_unusable)
+        drift = [] if glob is None or global_corrupt else _archive_problems(reg)
+        if drift:
+            actions.append("wrote the global registry whole and removed its archive, whose bookkeeping disagreed ("
+                           + "; ".join(drift) + ")")
+        write_global = (glob is not None and (dumps(glob) != original_global or bool(drift))
+                        and (dry_run or global_locked) and not global_unusable)
 
         if alive is not None:
             owned = {model.session_name(a["id"])
@@ -450,7 +476,10 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
             for task_id in sorted(changed):
                 reg.task_file(task_id).write(tasks[task_id])
             if write_global:
+                # The whole global registry, archived agents included (glob was read with the archive folded
+                # in), then no archive: the next status change or deploy archives the terminal agents again.
                 reg.global_file.write(glob)
+                archive.remove(reg.global_file.path)
     return RepairReport(str(reg.base), dry_run, None if backup_dir is None else str(backup_dir), tuple(actions),
                         tuple(refused))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,14 +110,21 @@ def project_task(task: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dic
     return entry, agents
 
 
-def sync_global(glob: dict[str, Any], task: Mapping[str, Any], now: str) -> bool:
+def sync_global(glob: dict[str, Any], task: Mapping[str, Any], now: str,
+                archived: Callable[[], Container[str]] | None = None) -> bool:
     """Make *glob* record *task* as :func:`project_task` says, then recompute its totals.
 
     New entries are written whole.  An existing entry is rewritten only when a tracked field (membership, type,
     parent, session, status; a task's description and status) disagrees, so a change to one agent leaves every other
     entry byte for byte as it was; keys the projection does not name are kept.  Returns whether anything changed.
+
+    *glob* may have moved terminal agents to its archive (:mod:`registry.archive`): a terminal agent of *task* that
+    *glob* lacks is not added back when it was archived.  Its task entry counts them (``archived_agents``); when
+    exactly that many terminal agents are missing they are the archived ones, else *archived* (the archived ids,
+    read only then) says which.
     """
     entry, agents = project_task(task)
+    _skip_archived(glob, task["task_id"], agents, archived)
     task_id = task["task_id"]
     changed = False
     tasks = glob.setdefault("tasks", {})
@@ -142,12 +149,34 @@ def sync_global(glob: dict[str, Any], task: Mapping[str, Any], now: str) -> bool
     return recompute_global_totals(glob) or changed
 
 
+def archived_count(glob: Mapping[str, Any]) -> int:
+    """How many agents the global document moved to its archive (``archived_agents``; 0 if it never did)."""
+    count = glob.get("archived_agents", 0)
+    return count if _is_int(count) and count > 0 else 0
+
+
+def _skip_archived(glob: Mapping[str, Any], task_id: str, agents: dict[str, dict[str, Any]],
+                   archived: Callable[[], Container[str]] | None) -> None:
+    """Drop from *agents* (a task's projection) the terminal agents that *glob* archived (see :func:`sync_global`)."""
+    entry = glob.get("tasks", {}).get(task_id)
+    count = entry.get("archived_agents", 0) if isinstance(entry, dict) else 0
+    if not count:
+        return
+    present = glob.get("agents", {})
+    missing = [a for a, v in agents.items() if a not in present and v.get("status") in TERMINAL]
+    if len(missing) != count and archived is not None:
+        ids = archived()
+        missing = [a for a in missing if a in ids]
+    for agent_id in missing:
+        del agents[agent_id]
+
+
 def recompute_global_totals(glob: dict[str, Any]) -> bool:
     totals = {
         "total_tasks": len(glob.get("tasks", {})),
         "active_tasks": sum(1 for t in glob.get("tasks", {}).values()
                             if str(t.get("status", "")).lower() not in FINISHED_TASK_STATUSES),
-        "total_agents_spawned": len(glob.get("agents", {})),
+        "total_agents_spawned": len(glob.get("agents", {})) + archived_count(glob),
         "active_agents": sum(1 for a in glob.get("agents", {}).values() if is_active(a)),
     }
     changed = any(glob.get(k) != v for k, v in totals.items())

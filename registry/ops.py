@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import groupcommit, model
+from . import archive, groupcommit, model
 from .errors import (
     DuplicateAgent,
     InvalidArgument,
@@ -105,10 +105,14 @@ class Registry:
         self.agent_command = agent_command
         self.lock_timeout = check_lock_timeout(lock_timeout)
         self._files: dict[str, JsonFile] = {}
-        self.global_file = JsonFile(self.base / model.GLOBAL_DIR / model.GLOBAL_FILE,
-                                    validate=model.global_shape_problems, lock_timeout=lock_timeout)
+        self.global_file: JsonFile = archive.GlobalFile(self.base / model.GLOBAL_DIR / model.GLOBAL_FILE,
+                                              validate=model.global_shape_problems, lock_timeout=lock_timeout)
         if heal:
             self.heal()
+
+    #: Terminal agents the global registry keeps before moving them to its archive (None: never; see
+    #: :mod:`registry.archive`).
+    archive_after: int | None = archive.ARCHIVE_AFTER
 
     def __repr__(self) -> str:
         return f"Registry({str(self.base)!r})"
@@ -152,9 +156,12 @@ class Registry:
             raise UnknownTask(f"no task {task_id} in {self.base} (there is no {file.path})", task_id=task_id) from None
         return doc
 
-    def _read_global(self) -> dict[str, Any]:
+    def _read_global(self, merged: bool = False) -> dict[str, Any]:
+        """The global document as written (to change it), or *merged* with its archive (to read every agent)."""
         try:
-            doc: dict[str, Any] = self.global_file.read()
+            doc: dict[str, Any] = JsonFile.read(self.global_file)  # the file itself, whatever class reads it
+            if merged:
+                doc = archive.merge(doc, archive.read_entries(self.global_file.path))
         except FileNotFoundError:
             raise RegistryMissing(
                 f"the global registry {self.global_file.path} is missing although task registries exist. Rebuild"
@@ -191,8 +198,9 @@ class Registry:
         """
         task_file.write_bytes(dumps(task) if data is None else data)
         crash_point("between_task_and_global", task_file.path)
-        model.sync_global(glob, task, now())
+        model.sync_global(glob, task, now(), self._archived_ids)
         try:
+            self._compact(glob)
             self.global_file.write(glob)
         except WriteFailed as exc:
             raise WriteFailed(
@@ -200,6 +208,15 @@ class Registry:
                 " the change; the global registry is re-synced from it by the next status change in the task, or"
                 " when a Registry is opened.", path=str(self.global_file.path), errno=getattr(exc, "errno", None),
                 applied=None) from exc
+
+    def _compact(self, glob: dict[str, Any]) -> None:
+        """Move the global registry's terminal agents to its archive if it holds too many (the lock is held).
+
+        An archive that cannot be written (a stray where it belongs, a corrupt tail, a full disk) leaves *glob* as
+        it is: the global registry is only bigger until ``orch-registry repair``, never wrong.
+        """
+        with contextlib.suppress(RegistryError, OSError):
+            archive.compact(glob, self.global_file.path, self.archive_after)
 
     # -- operations -----------------------------------------------------------------------------------------------
 
@@ -256,7 +273,7 @@ class Registry:
             glob = self._read_global()
             depth = self._deploy_depth(task, agent_type, parent)
             taken = {a["id"] for a in task["agents"]} | set(glob["agents"])
-            agent_id = self._new_agent_id(agent_type, taken)
+            agent_id = self._new_agent_id(agent_type, taken, self._archived_ids_blob())
             session = model.session_name(agent_id)
             stamp = now()
             agent = {"id": agent_id, "type": agent_type, "tmux_session": session, "parent": parent, "depth": depth,
@@ -305,12 +322,23 @@ class Registry:
                                 f" {max_depth}", task_id=task_id, limit="max_depth")
         return depth
 
+    def _archived_ids(self) -> set[str]:
+        return set(archive.read_entries(self.global_file.path))
+
+    def _archived_ids_blob(self) -> bytes:
+        """The global registry's archived ids as :func:`registry.archive.read_ids` gives them (b"\n" if none)."""
+        try:
+            return archive.read_ids(self.global_file.path)
+        except (OSError, RegistryError):  # a stray there: check reports it; the ids in the global registry remain
+            return b"\n"
+
     @staticmethod
-    def _new_agent_id(agent_type: str, taken: set[str]) -> str:
-        """``<type>-<HHMMSS>-<6 hex>``, not in *taken*; a long type is cut so that the id is a valid name."""
+    def _new_agent_id(agent_type: str, taken: set[str], archived: bytes = b"\n") -> str:
+        """``<type>-<HHMMSS>-<6 hex>``, not in *taken* nor among the *archived* ids (``\n``-separated, with a
+        leading ``\n``); a long type is cut so that the id is a valid name."""
         prefix = model.agent_id_prefix(agent_type)
         agent_id = f"{prefix}-{datetime.now():%H%M%S}-{secrets.token_hex(3)}"
-        while agent_id in taken:
+        while agent_id in taken or b"\n" + agent_id.encode() + b"\n" in archived:
             agent_id = f"{prefix}-{datetime.now():%H%M%S}-{secrets.token_hex(3)}"
         return agent_id
 
@@ -479,10 +507,12 @@ class Registry:
         return self._read_task(task_id)
 
     def read_global(self) -> dict[str, Any]:
-        """The global registry document.  RegistryMissing if it is gone; an empty view for an empty workspace."""
+        """The global registry document with its archive folded in: every task and every agent the workspace ran,
+        as ``GLOBAL_REGISTRY.json`` held them before it had an archive.  RegistryMissing if it is gone; an empty
+        view for an empty workspace."""
         if not self.global_file.path.exists() and not self.task_ids():
             return model.new_global_document(now())
-        return self._read_global()
+        return self._read_global(merged=True)
 
     def heal(self) -> list[str]:
         """Re-sync the global registry with every task registry it disagrees with; return those task ids.
@@ -492,7 +522,7 @@ class Registry:
         from .errors import RegistryError
 
         try:
-            glob = self.global_file.read()
+            glob = self._read_global(merged=True)  # with the archive: every agent the tasks hold is compared
             tasks = {t: self.task_file(t).read() for t in self.task_ids()}
         except (OSError, RegistryError):
             return []
@@ -504,10 +534,11 @@ class Registry:
             for task_id in stale:
                 stack.enter_context(self.task_file(task_id).locked())
             stack.enter_context(self.global_file.locked())
-            glob = self.global_file.read()
+            glob = JsonFile.read(self.global_file)
             stamp = now()
             for task_id in stale:
-                model.sync_global(glob, self.task_file(task_id).read(), stamp)
+                model.sync_global(glob, self.task_file(task_id).read(), stamp, self._archived_ids)
+            self._compact(glob)
             self.global_file.write(glob)
         return stale
 

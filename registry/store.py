@@ -84,9 +84,12 @@ CRASH_POINTS = (
     "after_rename",  # the registry was replaced, the directory not yet fsynced
     "between_task_and_global",  # (ops) the task registry is written, the global registry not yet
     "after_mkdir",  # (make_dirs) a directory was created, its parent not yet fsynced
+    "after_archive_append",  # (archive) terminal agents are in the archive, the global registry still holds them
 )
 #: The points only an operation that creates a directory passes.
 DIR_CRASH_POINTS = ("after_mkdir",)
+#: The points only a write of the global registry that moves agents to its archive passes.
+ARCHIVE_CRASH_POINTS = ("after_archive_append",)
 
 CrashHook = Callable[[str, Path], None]
 _crash_hook: CrashHook | None = None
@@ -326,6 +329,10 @@ class JsonFile:
         # A blocking flock with a timeout (see registry.locking for why not filelock's polling).  Each acquisition
         # has a descriptor of its own, so threads sharing this object exclude each other as processes do.
         self._lock = FlockLock(self.lock_path)
+        # The last bytes this object wrote, or read and found sound: the same bytes read again are parsed without
+        # the duplicate-key and shape checks (they passed them, or are this registry's own output).  That keeps a
+        # read of the global registry, which names every task, from paying its checks on every write.
+        self._trusted: bytes | None = None
 
     @property
     def lock_timeout(self) -> float:
@@ -380,9 +387,12 @@ class JsonFile:
         data = read_file(self.path)
         io_stats.reads += 1
         io_stats.bytes_read += len(data)
+        if data == self._trusted:
+            return orjson.loads(data), data
         doc = parse(data, self.path)
         if self.validate is not None and (problems := self.validate(doc)):
             raise corrupt(self.path, "the JSON has the wrong shape: " + "; ".join(problems))
+        self._trusted = data
         return doc, data
 
     # -- writing ------------------------------------------------------------------------------------------------
@@ -405,6 +415,7 @@ class JsonFile:
             self._replace(dir_fd, data)
         finally:
             os.close(dir_fd)
+        self._trusted = data
         self._write_backup(data)
         io_stats.writes += 1
         io_stats.bytes_written += len(data)

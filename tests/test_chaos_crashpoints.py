@@ -20,7 +20,8 @@ import pytest
 from pytest_orch.chaos import Chaos, CrashExploration, CrashSite
 from pytest_orch.swarm import Worker
 from registry.health import Finding
-from registry.store import CRASH_POINTS, DIR_CRASH_POINTS, JsonFile, crash_point
+from registry import Registry
+from registry.store import ARCHIVE_CRASH_POINTS, CRASH_POINTS, DIR_CRASH_POINTS, JsonFile, crash_point
 
 LIMITS = {"max_agents": 10, "max_concurrent": 5, "max_depth": 3}
 
@@ -61,7 +62,7 @@ def _still_running(agent_type: str) -> Callable[[Finding, dict[str, Any]], bool]
     return lambda f, ctx: f.kind == "leak" and f.path == f"agent_{ctx['agents'][agent_type]}"
 
 
-ALL_POINTS = set(CRASH_POINTS) - set(DIR_CRASH_POINTS)
+ALL_POINTS = set(CRASH_POINTS) - set(DIR_CRASH_POINTS) - set(ARCHIVE_CRASH_POINTS)
 ONE_FILE_POINTS = ALL_POINTS - {"between_task_and_global"}
 #: create_task also makes directories durable (issue 12): a crash between a mkdir and the fsync of its parent.
 CREATE_POINTS = ALL_POINTS | set(DIR_CRASH_POINTS)
@@ -104,6 +105,34 @@ def test_a_crash_at_any_point_of_the_write_protocol_leaves_a_registry_that_opens
     assert not exploration.failures, report
     # A crash before the task registry is renamed into place loses the operation; from then on a process that
     # opens the registry finishes it (the global registry is rebuilt from the task's).  Both must have happened.
+    assert {run.applied for run in exploration.runs} == {"not at all", "fully"}, report
+
+
+#: Operations that move terminal agents to the global registry's archive (issue 14): run with Registry.archive_after 0,
+#: so that the write of the global registry that records a terminal agent first appends it to the archive.
+ARCHIVING: dict[str, tuple[Any, Any, Any]] = {
+    "update with a status change that archives": (
+        _task_with("alpha", "beta"),
+        lambda w, ctx: w.registry.update(ctx["task"], ctx["agents"]["alpha"], "completed", 100),
+        _still_running("alpha")),
+    "kill that archives": (_task_with("alpha", "beta"),
+                           lambda w, ctx: w.registry.kill(ctx["task"], ctx["agents"]["alpha"]),
+                           _session_killed_of("alpha")),
+    "reconcile that archives": (_task_with("alpha", "beta", zombie="alpha"),
+                                lambda w, ctx: w.registry.reconcile(ctx["task"]), None),
+}
+
+
+@pytest.mark.parametrize("operation", list(ARCHIVING))
+def test_a_crash_at_any_point_of_a_write_that_archives_leaves_a_registry_that_opens_whole(
+        orch_workspace: Path, orch_chaos: Chaos, tmp_path: Path, operation: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Registry, "archive_after", 0)  # the forked children inherit it
+    setup, op, tolerate = ARCHIVING[operation]
+    exploration = orch_chaos.crash_points(tmp_path / "crashes", operation, setup, op, tolerate=tolerate)
+    report = exploration.render()
+    assert exploration.points == ALL_POINTS | set(ARCHIVE_CRASH_POINTS), report
+    assert not exploration.failures, report
     assert {run.applied for run in exploration.runs} == {"not at all", "fully"}, report
 
 

@@ -13,7 +13,7 @@ from helpers_registry import LockHolder, run_in_child, spawn
 
 from registry import CorruptRegistry, LockTimeout, RegistryError, WriteFailed
 from registry.model import task_shape_problems
-from registry.store import CRASH_POINTS, DIR_CRASH_POINTS, JsonFile, backup_path, set_crash_hook
+from registry.store import ARCHIVE_CRASH_POINTS, CRASH_POINTS, DIR_CRASH_POINTS, JsonFile, backup_path, set_crash_hook
 
 
 @pytest.fixture
@@ -295,7 +295,8 @@ def _crash_in_write(path: str, point: str) -> None:
         doc["entries"] = [{"pad": "y" * 100} for _ in range(2000)]
 
 
-@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p not in ("between_task_and_global", *DIR_CRASH_POINTS)])
+@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p not in ("between_task_and_global", *DIR_CRASH_POINTS,
+                                                                   *ARCHIVE_CRASH_POINTS)])
 def test_a_crash_at_any_point_of_a_write_leaves_the_old_or_the_new_file_and_the_lock_free(
         doc_file: JsonFile, point: str) -> None:
     before = json.loads(doc_file.path.read_bytes())
