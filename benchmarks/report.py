@@ -136,6 +136,40 @@ def throughput_table(infos: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def history_table(infos: list[dict[str, Any]]) -> list[str]:
+    rows = [i for i in infos if i.get("bench") == "history"]
+    if not rows:
+        return []
+    sizes = sorted({i["agents"] for i in rows})
+    lines = ["## Cost against the workspace's history (issue 14)", "",
+             "Median of one deploy (real tmux) and one status change in a current task, with the given number of"
+             " agents run before in old tasks; `before: no archive` is the reference with its archive turned off"
+             " (the global registry keeps every agent), measured in the same run. Growth is against 100 agents.", "",
+             "| agents | variant | GLOBAL_REGISTRY.json | archive | deploy ms | deploy growth | deploy registry ms"
+             " | status change ms | status growth |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for variant in ("reference", "before: no archive"):
+        base = {op: (_pick(rows, op=op, variant=variant, agents=sizes[0]) or {}).get("median_ms") for op in
+                ("deploy", "status")}
+        for size in sizes:
+            d = _pick(rows, op="deploy", variant=variant, agents=size) or {}
+            st = _pick(rows, op="status", variant=variant, agents=size) or {}
+            info = d or st
+            if not info:
+                continue
+
+            def growth(cell: dict[str, Any], op: str, base: dict[str, Any] = base) -> str:
+                first = base[op]
+                return _f(cell["median_ms"] / first, ".2f") + "x" if cell.get("median_ms") and first else "-"
+
+            lines.append(f"| {size:,} | {variant} | {_f(info.get('global_file_bytes', math.nan) / 1e6, ',.2f')} MB"
+                         f" | {_f(info.get('archive_bytes', math.nan) / 1e6, ',.2f')} MB"
+                         f" | {_f(d.get('median_ms'), ',.2f')} | {growth(d, 'deploy')}"
+                         f" | {_f(d.get('registry_median_ms'), ',.2f')} | {_f(st.get('median_ms'), ',.2f')}"
+                         f" | {growth(st, 'status')} |")
+    return lines
+
+
 def lock_table(infos: list[dict[str, Any]]) -> list[str]:
     rows = [i for i in infos if i.get("bench") == "lock-contention"]
     if not rows:
@@ -159,9 +193,24 @@ def chart(infos: list[dict[str, Any]], path: Path) -> bool:
 
     deploys = [i for i in infos if i.get("bench") == "deploy"]
     through = [i for i in infos if i.get("bench") == "throughput"]
-    if not deploys and not through:
+    hist = [i for i in infos if i.get("bench") == "history"]
+    if not deploys and not through and not hist:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 3 if hist else 2, figsize=(19 if hist else 13, 5))
+    left, right = axes[0], axes[1]
+    if hist:
+        panel = axes[2]
+        for variant, colour in (("reference", "tab:blue"), ("before: no archive", "tab:red")):
+            for op, style in (("deploy", "-o"), ("status", "--s")):
+                points = sorted((i["agents"], i["median_ms"]) for i in hist
+                                if i["variant"] == variant and i["op"] == op
+                                and not math.isnan(i.get("median_ms", math.nan)))
+                if points:
+                    panel.plot(*zip(*points, strict=True), style, color=colour, label=f"{op}, {variant}")
+        panel.set(xscale="log", yscale="log", xlabel="agents in the workspace's history",
+                  ylabel="median latency (ms)", title="Deploy and status change against history (issue 14)")
+        panel.grid(True, which="both", alpha=0.3)
+        panel.legend(loc="best")
     for impl, colour in (("legacy", "tab:red"), ("reference", "tab:blue")):
         for tmux, style, label in (("real", "-o", "real tmux"), ("stubbed", "--s", "registry-only")):
             points = sorted((i["agents"], i["median_ms"]) for i in deploys
@@ -202,13 +251,13 @@ def render(infos: list[dict[str, Any]], meta: dict[str, Any], command: str) -> s
              f" {os.cpu_count()} CPUs, Python {machine.get('python_version', platform.python_version())}",
              f"- 1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f} (the machine is shared;"
              " judge noise by it)" if loads else "- load average: not recorded", ""]
-    for table in (deploy_table(infos), throughput_table(infos), lock_table(infos)):
+    for table in (deploy_table(infos), history_table(infos), throughput_table(infos), lock_table(infos)):
         if table:
             lines += [*table, ""]
-    lines += ["## Targets of issue 6", "", *targets.render(targets.evaluate(infos)), "",
+    lines += ["## Targets of issues 6 and 14", "", *targets.render(targets.evaluate(infos)), "",
               "Targets are reported, never asserted; a target that needs a benchmark this run did not include"
               " says `not measured` (run `python -m benchmarks.report --all`).", ""]
-    if any(i.get("bench") in ("deploy", "throughput") for i in infos):
+    if any(i.get("bench") in ("deploy", "throughput", "history") for i in infos):
         lines += ["![latency against registry size, throughput against processes](report.png)", ""]
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The targets of issue 6, judged from the benchmarks' ``extra_info``: reported, never asserted in a timed test.
+"""The targets of issues 6 and 14, judged from the benchmarks' ``extra_info``: reported, never asserted in a timed test.
 
 Every benchmark records a dict with a ``bench`` key (``deploy``, ``lock-contention``, ``throughput``, ``harness``...)
 and its parameters; :func:`evaluate` finds the figures each target needs among them.  The terminal summary of
@@ -73,12 +73,34 @@ def evaluate(infos: Iterable[Info]) -> list[Target]:
     ref = _find(infos, bench="deploy", impl="reference", agents=1000, tmux="real")
     ml, mr = _num(legacy, "median_ms"), _num(ref, "median_ms")
     speedup = ml / mr if mr else math.nan
-    out.append(Target("deploy at 1,000 agents, legacy / reference (real tmux)", ">= 1.3x",
-                      _shown(f"{speedup:.2f}x ({ml:.1f} ms vs {mr:.1f} ms)", speedup), _judge(speedup, speedup >= 1.3)))
+    out.append(Target("deploy at 1,000 agents, legacy / reference (real tmux)", ">= 4x",
+                      _shown(f"{speedup:.2f}x ({ml:.1f} ms vs {mr:.1f} ms)", speedup), _judge(speedup, speedup >= 4)))
     reads = _num(ref, "task_reads")
     out.append(Target("reference deploy reads the task registry", "once",
                       _shown(f"{reads:.0f} read(s) (legacy: {_num(legacy, 'task_reads'):.0f})", reads),
                       _judge(reads, reads == 1)))
+
+    for op, what in (("deploy", "a deploy (real tmux)"), ("status", "a status change")):
+        small = _find(infos, bench="history", op=op, variant="reference", agents=100)
+        large = _find(infos, bench="history", op=op, variant="reference", agents=50_000)
+        before = _find(infos, bench="history", op=op, variant="before: no archive", agents=50_000)
+        before_small = _find(infos, bench="history", op=op, variant="before: no archive", agents=100)
+        ms, ml = _num(small, "median_ms"), _num(large, "median_ms")
+        growth = ml / ms if ms else math.nan
+        was = _num(before, "median_ms") / _num(before_small, "median_ms") if before_small else math.nan
+        was_text = f"; without the archive in this run: {was:.1f}x" if not math.isnan(was) else ""
+        out.append(Target(f"flat: {what} at 50,000 agents in the history vs 100 (issue 14)", "<= 2x",
+                          _shown(f"{growth:.2f}x ({ml:.1f} ms vs {ms:.1f} ms{was_text})", growth),
+                          _judge(growth, growth <= 2)))
+
+    sqlite1 = _find(infos, bench="throughput", workload="sqlite-wal-full", procs=1)
+    sqlite10 = _find(infos, bench="throughput", workload="sqlite-wal-full", procs=10)
+    for procs, ref, lite, want in ((1, one, sqlite1, 0.5), (10, ten, sqlite10, 1.0)):
+        r, q = _num(ref, "ops_per_s"), _num(lite, "ops_per_s")
+        rel = r / q if q else math.nan
+        out.append(Target(f"durable update, {procs} process{'es' if procs > 1 else ''}, reference vs SQLite WAL"
+                          " FULL (issue 14)", f">= {want:g}x",
+                          _shown(f"{rel:.2f}x ({r:,.0f} vs {q:,.0f} ops/s)", rel), _judge(rel, rel >= want)))
 
     for what, name, limit, unit, scale in (("record-op", "harness: record one operation", 20e-6, "µs", 1e6),
                                            ("swarm-start", "harness: start a 10-process swarm", 1.0, "s", 1),

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from registry import Registry
+from registry.archive import GlobalFile
 from registry.legacy import LegacyRegistry
 from registry.sessions import TmuxSessions
 from registry.store import JsonFile
@@ -269,7 +270,8 @@ def _reference(ws: Workspace, variant: str | None) -> tuple[Registry, list[int]]
     if variant is not None:
         cls = STORE_VARIANTS[variant]
         reg._files[ws.task_id] = cls(ws.task_path, validate=reg.task_file(ws.task_id).validate)
-        reg.global_file = cls(ws.global_path, validate=reg.global_file.validate)
+        global_cls = type(f"Global{cls.__name__}", (cls, GlobalFile), {})  # the variant, reading the archive too
+        reg.global_file = global_cls(ws.global_path, validate=reg.global_file.validate)
     file = reg.task_file(ws.task_id)
     if isinstance(file, FlockJsonFile | FileLockJsonFile | ItimerJsonFile):
         return reg, file.waits_ns

@@ -19,8 +19,8 @@ import pytest
 
 from pytest_orch.chaos import Chaos, CrashExploration, CrashSite
 from pytest_orch.swarm import Worker
-from registry.health import Finding
 from registry import Registry
+from registry.health import Finding
 from registry.store import ARCHIVE_CRASH_POINTS, CRASH_POINTS, DIR_CRASH_POINTS, JsonFile, crash_point
 
 LIMITS = {"max_agents": 10, "max_concurrent": 5, "max_depth": 3}
