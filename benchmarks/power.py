@@ -361,18 +361,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="only sites whose module:operator:index contains this")
     parser.add_argument("--keep", action="store_true", help="keep the mutant copies and logs")
     parser.add_argument("--out", type=Path, default=REPORT)
-    parser.add_argument("--render", type=Path, help="re-render a saved report with the current VERDICTS, run nothing")
+    parser.add_argument("--render", type=Path, nargs="+",
+                        help="merge saved reports (shards) into --out with the current VERDICTS; run nothing")
+    parser.add_argument("--shard", help="i/n: run every n-th mutant of the sample from the i-th (1-based), to run n"
+                                        " processes side by side, each with its own --out")
     parser.add_argument("--rev", default="HEAD", help="the commit whose registry/ and pytest_orch/ are measured")
     args = parser.parse_args(argv)
     if args.render:
-        saved = json.loads(args.render.read_text())
-        results = [Result(**{**r, "site": Site(**r["site"])}) for r in saved["results"]]
-        for r in results:
-            del r.__dict__["verdict"]
-        saved.update(summary=summarize(results),
-                     results=[{**asdict(r), "verdict": verdict_of(r.site)} for r in results])
+        parts = [json.loads(p.read_text()) for p in args.render]
+        results = [Result(**{**{k: v for k, v in r.items() if k != "verdict"}, "site": Site(**r["site"])})
+                   for part in parts for r in part["results"]]
+        saved = {**parts[0], "shard": None,
+                 "summary": summarize(results),
+                 "results": [{**asdict(r), "verdict": verdict_of(r.site)} for r in results]}
         print(render(saved["summary"], results))
-        args.render.write_text(json.dumps(saved, indent=2) + "\n")
+        args.out.write_text(json.dumps(saved, indent=2) + "\n")
         return 0
 
     base = Path(tempfile.mkdtemp(prefix="orch-power-"))
@@ -401,7 +404,22 @@ def main(argv: list[str] | None = None) -> int:
         fn = enclosing_function((source / site.module).read_text(), site.line)
         site.function = fn[0] if fn else ""
         site.reached = fn is None or (site.module, fn[1]) in reached
+    # Reached sites first: if the run is cut short, what is left are mutants of functions the suite never calls.
+    sites.sort(key=lambda site: not site.reached)
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        sites = sites[i - 1::n]
     results: list[Result] = []
+
+    def save() -> dict[str, Any]:
+        summary = summarize(results)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"seed": args.seed, "mutants": args.mutants, "shard": args.shard,
+                                        "registry": revision, "modules": MODULES, "summary": summary,
+                                        "results": [{**asdict(r), "verdict": verdict_of(r.site)} for r in results]},
+                                       indent=2) + "\n")
+        return summary
+
     for k, site in enumerate(sites, 1):
         root = _mutant_dir(base, site, source)
         (root / "pytest_orch").symlink_to(snap / "pytest_orch")
@@ -421,17 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{k:3}/{len(sites)}] {outcome:8} {seconds:5.0f} s  {site.module}:{site.line}"
               f" {site.function or '<module>'}{'' if site.reached else ' (unreached)'} {site.operator}: "
               f"{site.before!r} -> {site.after!r}  {test} {' '.join(kinds)} {detail}", flush=True)
+        save()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
-    summary = summarize(results)
-    print(render(summary, results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"seed": args.seed, "mutants": args.mutants, "registry": revision,
-                                    "modules": MODULES, "summary": summary,
-                                    "results": [{**asdict(r), "verdict": verdict_of(r.site)} for r in results]},
-                                   indent=2) + "\n")
+    print(render(save(), results))
     print(f"written: {args.out}")
     return 0
 
