@@ -51,12 +51,32 @@ from typing import Any
 import orjson
 
 from . import model
-from .errors import CorruptRegistry, UnsafePath, WriteFailed
+from .errors import CorruptRegistry, InvalidArgument, UnsafePath, WriteFailed
 from .store import JsonFile, corrupt, crash_point, open_dir, parse, unsafe
 
 #: Terminal agents the global registry keeps before it moves them all to the archive.  A class attribute of
 #: Registry copies it, so that a test or a benchmark can change it for one registry.
 ARCHIVE_AFTER = 256
+#: What :func:`archive_after_from_env` returns when the variable is not set.
+UNSET = -1
+
+
+def archive_after_from_env() -> int | None:
+    """``ORCH_ARCHIVE_AFTER`` (a whole number >= 0, or ``none`` to turn the archive off), else UNSET (-1).
+
+    For running a suite with archiving on every status change (``0``) or off; InvalidArgument for anything else.
+    """
+    raw = os.environ.get("ORCH_ARCHIVE_AFTER", "").strip()
+    if not raw:
+        return UNSET
+    if raw.lower() == "none":
+        return None
+    if raw.isdigit():
+        return int(raw)
+    raise InvalidArgument(f"ORCH_ARCHIVE_AFTER is {raw!r}; it must be a whole number >= 0, or none",
+                          name="ORCH_ARCHIVE_AFTER", value=raw)
+
+
 ARCHIVE_FILE = "GLOBAL_ARCHIVE.jsonl"
 IDS_FILE = "GLOBAL_ARCHIVE.ids"
 #: The keys the global document holds for the archive's bookkeeping; :func:`merge` removes them.

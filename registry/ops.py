@@ -105,6 +105,9 @@ class Registry:
         self.agent_command = agent_command
         self.lock_timeout = check_lock_timeout(lock_timeout)
         self._files: dict[str, JsonFile] = {}
+        keep = archive.archive_after_from_env()
+        if keep != archive.UNSET:
+            self.archive_after = keep
         self.global_file: JsonFile = archive.GlobalFile(self.base / model.GLOBAL_DIR / model.GLOBAL_FILE,
                                               validate=model.global_shape_problems, lock_timeout=lock_timeout)
         if heal:

@@ -222,3 +222,16 @@ def test_an_archive_line_in_another_form_is_read_and_checked(areg: Registry) -> 
     entries = archive.read_entries(_global_path(areg))
     path.write_bytes(b"".join(archive.dumps_line({"id": a, **v}).replace(b",", b", ") for a, v in entries.items()))
     assert archive.read_entries(_global_path(areg)) == entries
+
+
+def test_orch_archive_after_sets_the_bound_and_a_bad_value_is_invalid(base: Path, tmux: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry.errors import InvalidArgument
+
+    monkeypatch.setenv("ORCH_ARCHIVE_AFTER", "0")
+    assert Registry(base).archive_after == 0
+    monkeypatch.setenv("ORCH_ARCHIVE_AFTER", "none")
+    assert Registry(base).archive_after is None
+    monkeypatch.setenv("ORCH_ARCHIVE_AFTER", "-3")
+    with pytest.raises(InvalidArgument, match="ORCH_ARCHIVE_AFTER"):
+        Registry(base)
