@@ -8,7 +8,9 @@ replace), ``os.remove``, ``os.listdir``/``os.scandir``, ``os.mkdir``, ``os.trunc
 workspace (subprocesses always).  The beginning of every operation is an event too, so the scheduler also decides
 when operations start.  One finer point needs more than the audit hook: a truncating open empties the file *before*
 the data is written, and torn reads live in between.  So the worker's ``open``/``io.open``/``os.open`` are wrapped as
-well, and a truncating open of a registry file raises a second event, ``write <path>``, after the file was emptied.
+well, and a truncating open of a registry file raises a second event, ``write <path>``, after the file was emptied;
+and ``fcntl.flock``/``lockf`` are wrapped so that releasing a lock is followed by an event, ``unlocked <path>`` (what
+the holder does after its unlock, a late flush say, races with the next holder).
 
 At an event the worker writes one line to its FIFO (``ev-N``) and blocks reading one byte from ``go-N``: ``g`` (go
 on) or, at the beginning of an operation, ``s`` (skip it: a shrunk run leaves this operation out; the workload's
@@ -174,9 +176,10 @@ class ScheduleRun:
         return tuple(self.lines())
 
     def summary(self) -> str:
-        if not self.steps:
-            return (f"schedule {self.spec} saw no events: the registry's I/O is not visible to the audit hook"
-                    " (SQLite inside C, a server over a socket), so the run was free-running")
+        if not any(not s.event.startswith("begin ") for s in self.steps):
+            return (f"schedule {self.spec} saw no file-system events: the registry's I/O is not visible to the audit"
+                    " hook (SQLite inside C, a server over a socket), so the operations ran free-running"
+                    f" ({self.operations} began in the scheduler's order)")
         timing = ""
         if not self.deterministic:
             timing = (f"; {self.blocked} time(s) a worker did not reach its next event within the grace period"
@@ -382,6 +385,52 @@ def _install() -> None:
     builtins.open = open_
     io.open = open_
     os.open = os_open
+    for name in ("flock", "lockf"):
+        setattr(fcntl, name, _unlocking(getattr(fcntl, name), name))
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        w = _W
+        path = _LOCKED.pop(fd, None) if w is not None and w.in_op else None
+        real_close(fd)
+        if path is not None:
+            _after_unlock(path)
+
+    os.close = close
+
+
+#: Descriptors this worker holds a lock on (taken in an operation): closing one releases the lock.
+_LOCKED: dict[int, str] = {}
+
+
+def _after_unlock(path: str | None) -> None:
+    w = _W
+    if w is None or not w.in_op or w.busy:
+        return
+    w.busy = True
+    try:
+        rel = w.rel(path)
+        if rel is not None:
+            w.ask(["e", f"unlocked {rel}"])
+    finally:
+        w.busy = False
+
+
+def _unlocking(real: Callable[..., Any], kind: str) -> Callable[..., Any]:
+    """``fcntl.flock``/``lockf`` with an event right after a lock is released (``unlocked <path>``): the moment
+    another worker may take it, and what the holder does next (a late flush) races with it."""
+
+    def call(fd: Any, operation: int, *args: Any) -> Any:
+        result = real(fd, operation, *args)
+        if _W is not None and _W.in_op and isinstance(fd, int):
+            if operation & fcntl.LOCK_UN:
+                _LOCKED.pop(fd, None)
+                _after_unlock(_fd_path(fd))
+            else:
+                _LOCKED[fd] = _fd_path(fd) or ""
+        return result
+
+    return call
 
 
 def _hook_worker(process: int, fifo_dir: str, roots: Sequence[str]) -> _Hooked:
