@@ -12,6 +12,10 @@ that writes the global registry re-syncs the whole projection of its task, and :
 log, and no extra fsync on the hot path.  For the same reason the global registry is created (empty) before the
 first task registry is written: a crash after that first task write must leave something to heal.
 
+The global registry does not grow with history: past :data:`registry.archive.ARCHIVE_AFTER` terminal agents, a
+write of it first appends them to its archive and then leaves them out (:mod:`registry.archive` says why this, and
+how a crash at any step is safe); :meth:`Registry.read_global` folds the two together.
+
 A progress report that does not change an agent's status writes the task registry only: the global registry does
 not record progress, and its ``last_update`` is refreshed whenever its entry is rewritten.
 
