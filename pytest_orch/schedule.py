@@ -25,12 +25,13 @@ The decision sequence depends only on the seed and the events, not on timing:
 - a worker whose next event is a lock request (``flock``/``lockf``) that would not be granted now is *held back*
   until it would be: the scheduler asks the kernel by trying the same lock, non-blocking, from the test process
   (possible because every holder is stopped).  So a blocking ``flock`` never blocks and a polling one never spins;
-- only when a granted worker does not reach its next event within a grace period (0.5 s, 5 s after starting a
-  subprocess; ``ORCH_SCHEDULE_GRACE``) is it marked blocked, on something the hook does not see (a FIFO, a socket,
-  a lock inside C): that is the timing fallback.  It runs again whenever its next event arrives.  The run counts
-  these, and the report says that from there the order depended on timing.  When every waiting worker is held
-  back on a lock and nobody is blocked (a holder outside the swarm), the lowest-numbered is let go anyway
-  (``forced``), so no schedule deadlocks the harness; a swarm's timeout still applies.
+- only when a granted worker does not reach its next event within a grace period (1 s, 5 s after starting a
+  subprocess; ``ORCH_SCHEDULE_GRACE``), while it is neither runnable nor waiting for a child it started, is it marked
+  blocked, on something the hook does not see (a FIFO, a socket, a lock inside C): the timing fallback. It runs again
+  whenever its next event arrives. The run counts these, and the report says that from there the order depended on
+  timing. When every waiting worker is held back on a lock and nobody is blocked (a holder outside the swarm), the
+  lowest-numbered is let go anyway (``forced``), so no schedule deadlocks the harness; a swarm's timeout still
+  applies.
 
 Schedulers: ``random`` picks uniformly among the workers that may go; ``pct`` is PCT (Burckhardt et al., ASPLOS
 2010): random distinct priorities, ``DEPTH - 1`` change points drawn among the expected number of steps; the highest
@@ -78,7 +79,7 @@ import orjson
 __all__ = ["Schedule", "ScheduleRun", "ScheduleSpec", "Step", "child", "parse_schedule", "scheduled_op"]
 
 #: Seconds a granted worker may take to reach its next event before it counts as blocked (the timing fallback).
-GRACE = float(os.environ.get("ORCH_SCHEDULE_GRACE", "0.5") or 0.5)
+GRACE = float(os.environ.get("ORCH_SCHEDULE_GRACE", "1.0") or 1.0)
 #: ... after a subprocess was started (tmux), and after the swarm started (fork, adapter, barrier).
 SLOW_GRACE = max(GRACE, 5.0)
 #: Steps per operation PCT expects when it draws its change points (legacy's deploy takes about ten).
@@ -576,6 +577,7 @@ class Schedule:
         self.expected_steps = expected_steps
         self.fifo_dir = ""
         self.n = 0
+        self.pids: list[int | None] = []
         self._ev: list[int] = []
         self._go: list[int] = []
         self._wake_r = self._wake_w = -1
@@ -630,6 +632,7 @@ class Schedule:
         """After the barrier: run the scheduler in a thread of the test process."""
         global _PREPARED
         _PREPARED = None
+        self.pids = [p.pid for p in handle.processes]
         self.start_thread([p.sentinel for p in handle.processes], handle.sigkill)
 
     def start_thread(self, sentinels: Sequence[int | None], kill: Callable[[int], None] | None,
@@ -759,6 +762,9 @@ class Schedule:
                 now = time.monotonic()
                 for i in running:
                     if deadline[i] <= now:
+                        if _working(self.pids[i] if i < len(self.pids) else None):
+                            deadline[i] = now + GRACE  # slow (a loaded machine), not blocked
+                            continue
                         state[i] = _BLOCK
                         run.blocked += 1
                 running = [i for i in running if state[i] == _RUN]
@@ -1049,6 +1055,22 @@ def _segments(guide: Sequence[int]) -> list[tuple[int, int]]:
         else:
             out.append((i, i + 1))
     return out
+
+
+def _working(pid: int | None) -> bool:
+    """Whether worker *pid* is still working rather than waiting: runnable, or waiting for a child it started (tmux).
+    Asked only when the grace period is over, so a loaded machine does not make a slow worker look blocked."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+        if state == b"R":
+            return True
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as fh:
+            return bool(fh.read().strip())
+    except (OSError, IndexError):
+        return False
 
 
 def _switches(guide: Sequence[int]) -> int:

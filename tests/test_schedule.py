@@ -77,7 +77,7 @@ def _legacy_lost_insert(run: Any, pytester: pytest.Pytester, seed: int) -> tuple
     steps = _steps(text)
     assert sum("deploy: begin deploy(" in s for s in steps) == 2, steps
     assert any(": replace " in s or ": open t0/AGENT_REGISTRY.json w" in s for s in steps), steps
-    assert re.search(r"  -> \[lost_insert\] agent \S+ was deployed \(ok\) by p\d", text)
+    assert re.search(r"  -> \[lost_insert\] agent \S+ (of task \S+ )?was deployed \(ok\)", text), text[-3000:]
     assert "--orch-schedule=pct:3" in text  # the replay command
     head = re.search(r"note: (schedule pct:3 \(seed [^)]*\): \d+ events.*tried)", text)
     assert head, text[-3000:]
