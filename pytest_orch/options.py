@@ -27,3 +27,14 @@ def current() -> OrchOptions:
 def set_current(options: OrchOptions) -> None:
     global _current
     _current = options
+
+
+def orch_args(options: OrchOptions) -> list[str]:
+    """The command-line flags that reproduce *options*."""
+    args = [f"--orch-impl={options.impl}", f"--orch-seed={options.seed}", f"--orch-concurrency={options.concurrency}",
+            f"--orch-ops={options.ops}"]
+    if options.chaos:
+        args.append(f"--orch-chaos={options.chaos}")
+    if options.schedule:
+        args.append(f"--orch-schedule={options.schedule}")
+    return args

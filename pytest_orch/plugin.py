@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shlex
 import shutil
 import tempfile
 import time
@@ -25,7 +24,8 @@ from .adapter import load_factory
 from .checks import OrchViolation, Report, check_history, describe_errors, read_final
 from .conformance import verdict_for
 from .history import History
-from .options import OrchOptions
+from .options import OrchOptions, orch_args
+from .replay import Invocation, replay_command, set_current_test, set_invocation
 from .spec import Spec, spec_of
 from .stateful import register_profiles, select_profile
 from .swarm import SwarmHandle, Workload, run_swarm
@@ -173,8 +173,14 @@ def pytest_configure(config: pytest.Config) -> None:
                    " --orch-timeout for the swarms of this test")
     options = _resolve(config)
     _options.set_current(options)
+    set_invocation(Invocation(bool(config.getoption("pyargs", False)), config.invocation_params.dir,
+                              config.rootpath))
     select_profile(config)  # ``ci`` when $CI is set and no --hypothesis-profile was given
     _rows.clear()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    set_current_test(item.path, item.nodeid.split("::", 1)[1] if "::" in item.nodeid else item.name)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -283,14 +289,9 @@ class Swarm:
         return history
 
     def replay(self) -> str:
-        o = self.options
-        args = [self.request.node.nodeid, f"--orch-impl={o.impl}", f"--orch-seed={o.seed}",
-                f"--orch-concurrency={o.concurrency}", f"--orch-ops={o.ops}"]
-        if o.chaos:
-            args.append(f"--orch-chaos={o.chaos}")
-        if o.schedule:
-            args.append(f"--orch-schedule={o.schedule}")
-        return "pytest " + " ".join(shlex.quote(a) for a in args)
+        """The command that runs this test again with this seed (see :mod:`pytest_orch.replay`)."""
+        return replay_command(self.request.node.path, self.request.node.nodeid.split("::", 1)[1],
+                              orch_args(self.options))
 
     def check(self, history: History, *, tasks: list[str] | None = None, checks: list[str] | None = None,
               reopen: bool = False, raise_on_problems: bool = True, exercises: Sequence[str] = (),

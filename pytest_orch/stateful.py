@@ -44,6 +44,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -54,6 +55,7 @@ from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, Phase, currently_in_test_context, note, settings
+from hypothesis import core as hypothesis_core
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -71,6 +73,8 @@ from .adapter import load_factory, promises_of
 from .burst import MAX_WORKERS, Op, Record, kill_session, shared_pool, timed
 from .conformance import verdict_for
 from .linearize import Applied, Call, Search, linearize, lost
+from .options import orch_args
+from .replay import current_test, replay_command
 from .spec import (
     ALL_PROMISES,
     ORCHESTRATOR,
@@ -168,16 +172,35 @@ def run_machine(machine: type[RegistryMachine], *, settings: settings | None = N
     for key in [k for k in _verdicts if k[0] is machine]:
         del _verdicts[key]
     _rare.pop(machine, None)
+    forced: int | None = hypothesis_core.global_force_seed  # --hypothesis-seed, if given
+    seed = forced if forced is not None else random.randrange(2**32)
+    # Hypothesis' own pytest plugin sets this for --hypothesis-seed: the same seed replays the same programs.
+    setattr(hypothesis_core, "global_force_seed", seed)  # noqa: B010 - typed as None in hypothesis
     try:
         run_state_machine_as_test(machine, settings=settings or machine_settings())
+    except Exception as exc:  # a failure (pytest's skip and fail outcomes are BaseExceptions and pass through)
+        exc.add_note(_replay_note(machine, seed))
+        raise
     finally:
+        setattr(hypothesis_core, "global_force_seed", forced)  # noqa: B010
         close_tmux_server()
     rare = _rare.pop(machine, [])
     if rare:
         failure = BurstFailure("Hypothesis found no burst that fails reliably, but this one did fail:\n\n" + rare[0])
         if len(rare) > 1:
             failure.add_note(f"({len(rare) - 1} more bursts failed as rarely.)")
+        failure.add_note(_replay_note(machine, seed))
         raise failure
+
+
+def _replay_note(machine: type[RegistryMachine], seed: int) -> str:
+    """The seed of the run and the command that replays it (the same programs; process timing aside)."""
+    opts = replace(options.current(), impl=machine.impl or options.current().impl)
+    args = [*orch_args(opts), f"--hypothesis-seed={seed}",
+            f"--hypothesis-profile={settings.get_current_profile_name()}"]
+    test = current_test()
+    line = replay_command(*test, args) if test is not None else "pytest <this test> " + " ".join(args)
+    return f"hypothesis seed {seed}\nreplay: {line}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
