@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -38,3 +39,20 @@ def orch_args(options: OrchOptions) -> list[str]:
     if options.schedule:
         args.append(f"--orch-schedule={options.schedule}")
     return args
+
+
+def _silent(line: str) -> None:
+    """Outside a pytest session nobody is watching."""
+
+
+_progress: Callable[[str], None] = _silent
+
+
+def progress(line: str) -> None:
+    """Show *line* on the terminal now, through the capture (the plugin installs the writer)."""
+    _progress(line)
+
+
+def set_progress(writer: Callable[[str], None]) -> None:
+    global _progress
+    _progress = writer

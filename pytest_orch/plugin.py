@@ -7,6 +7,7 @@ over the environment, which wins over the ini file, which wins over the default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -176,7 +177,22 @@ def pytest_configure(config: pytest.Config) -> None:
     set_invocation(Invocation(bool(config.getoption("pyargs", False)), config.invocation_params.dir,
                               config.rootpath))
     select_profile(config)  # ``ci`` when $CI is set and no --hypothesis-profile was given
+    _options.set_progress(_progress_writer(config))
     _rows.clear()
+
+
+def _progress_writer(config: pytest.Config) -> Callable[[str], None]:
+    """Write a line to the terminal while a test runs (output is captured then), as live logging does."""
+
+    def write(line: str) -> None:
+        terminal = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if terminal is None or config.get_verbosity() < 0:
+            return
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            terminal.write_line(f"  {line}")
+
+    return write
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -48,6 +48,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -168,7 +169,10 @@ def run_machine(machine: type[RegistryMachine], *, settings: settings | None = N
         first = verdict.mismatches[0] if verdict.mismatches else verdict.error
         pytest.skip(f"the registry does not follow its declared rules (see test_the_registry_does_what_its_rules_say):"
                     f" [contract] {first}")
-    machine._failure_seen = machine._lost_seen = False
+    machine._failure_seen = machine._lost_seen = machine._shrink_stopped = False
+    machine._failure_at = None
+    machine._programs = machine._bursts = 0
+    machine._started = machine._told = time.monotonic()
     for key in [k for k in _verdicts if k[0] is machine]:
         del _verdicts[key]
     _rare.pop(machine, None)
@@ -179,6 +183,9 @@ def run_machine(machine: type[RegistryMachine], *, settings: settings | None = N
     try:
         run_state_machine_as_test(machine, settings=settings or machine_settings())
     except Exception as exc:  # a failure (pytest's skip and fail outcomes are BaseExceptions and pass through)
+        if machine._shrink_stopped:
+            exc.add_note(f"(shrinking stopped after {machine.shrink_seconds:g} s with smaller programs still untried:"
+                         " set ORCH_SHRINK_SECONDS or RegistryMachine.shrink_seconds higher for a smaller one)")
         exc.add_note(_replay_note(machine, seed))
         raise
     finally:
@@ -680,6 +687,15 @@ class RegistryMachine(RuleBasedStateMachine):
 
     impl: ClassVar[str | None] = None
     reruns: ClassVar[int] = 3
+    #: Seconds Hypothesis may spend shrinking a failure; then new programs are no longer run (they pass, untried), so
+    #: the smallest failure found so far is reported.  The report says when this cut shrinking short.
+    shrink_seconds: ClassVar[float] = float(os.environ.get("ORCH_SHRINK_SECONDS", "20"))
+    _failure_at: ClassVar[float | None] = None
+    _shrink_stopped: ClassVar[bool] = False
+    _programs: ClassVar[int] = 0
+    _bursts: ClassVar[int] = 0
+    _started: ClassVar[float] = 0.0
+    _told: ClassVar[float] = 0.0
     reliable: ClassVar[float] = 0.75
     compare_progress: ClassVar[bool] = True
     check_sessions: ClassVar[bool] = True
@@ -716,6 +732,7 @@ class RegistryMachine(RuleBasedStateMachine):
         self.handles: dict[str, list[str]] = {}  # task handle -> every deploy handle drawn for it, in order
         self.task_of: dict[str, str] = {}  # agent handle -> task handle
         self.program: list[Any] = []  # every command run so far in this example: what Hypothesis replays
+        type(self)._programs += 1
         self.failure: ModelMismatch | None = None
         self._after_step: tuple[int, Snapshot] | None = None
         self.live = True  # False once the example stops running operations (see the class docstring)
@@ -739,6 +756,13 @@ class RegistryMachine(RuleBasedStateMachine):
             return
         key = (type(self), self.impl_spec, tuple(self.program), label)
         memo = _verdicts.get(key)
+        cls = type(self)
+        cls._progress()
+        if cls._failure_at is not None and time.monotonic() - cls._failure_at > cls.shrink_seconds:
+            # Out of shrinking time: run nothing more.  A point that failed before still fails (below); any other
+            # passes untried, so the shrinker finds nothing smaller and ends.
+            cls._shrink_stopped |= memo is None
+            self.live = False
         if not self.live:
             if memo is not None and memo.failure is not None:
                 self.failure = memo.exception()
@@ -750,11 +774,25 @@ class RegistryMachine(RuleBasedStateMachine):
         memo.runs += checked.runs
         memo.failures += checked.failures
         if memo.failure is not None:
+            if cls._failure_at is None:
+                cls._failure_at = time.monotonic()
             type(self)._failure_seen = True
             self.failure = memo.exception()
             self.live = False
         elif checked.failure is not None or checked.quiet:
             self.live = False  # it passed here before (or passes, narrowly): stay quiet, the replay must match
+
+    @classmethod
+    def _progress(cls, every: float = 10.0) -> None:
+        """Every *every* seconds, one line on the terminal: programs, bursts, and whether a failure is being shrunk."""
+        now = time.monotonic()
+        if now - cls._told < every:
+            return
+        cls._told = now
+        shrinking = (f"; shrinking the failure found at {cls._failure_at - cls._started:.0f} s (at most"
+                     f" {cls.shrink_seconds:g} s)") if cls._failure_at is not None else ""
+        options.progress(f"stateful {cls.__name__}: {now - cls._started:.0f} s, {cls._programs} programs,"
+                         f" {cls._bursts} bursts{shrinking}")
 
     # -- running operations ---------------------------------------------------------------------------------------
 
@@ -894,6 +932,7 @@ class RegistryMachine(RuleBasedStateMachine):
         updates count, so that the shrinker keeps the most telling counterexample instead of slipping to whatever
         else fails.
         """
+        type(self)._bursts += 1
         self.program.append(tuple(commands))
 
         def run(memo: _Memo | None) -> _Checked:

@@ -98,7 +98,9 @@ def _legacy_failure(run: Run) -> int:
     return size
 
 
-def test_the_machine_fails_against_legacy_with_a_lost_update_shrunk_to_at_most_three_operations(run: Run) -> None:
+def test_the_machine_fails_against_legacy_with_a_lost_update_shrunk_to_at_most_three_operations(
+        run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_SHRINK_SECONDS", "300")  # shrinking as far as it goes, not the default 20 s budget
     # Every run must fail with a lost update.  How far Hypothesis shrinks it depends on which of the smaller bursts
     # it tries happen to race reliably (measured: a burst of 4 in about 3 runs of 10), so a run that stops above 3
     # is followed by another, up to four in all.
@@ -214,3 +216,13 @@ def test_the_model_reconciles_only_active_agents_whose_session_is_gone() -> None
     after = Specification().apply(state, Command("reconcile", "t0"))
     assert isinstance(after, Applied)
     assert [a.status for a in after.state.tasks[0].agents] == ["terminated", "running", "completed"]
+
+
+def test_shrinking_stops_at_its_budget_and_the_report_says_so(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_SHRINK_SECONDS", "1")
+    result = run("--pyargs", SUITE, "--orch-impl=legacy", "--orch-concurrency=10", "--hypothesis-profile=dev")
+    text = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
+    assert "stateful RegistryMachine: " in text or result.duration < 10  # progress lines while it runs
+    assert re.search(r"replay: pytest .*--hypothesis-seed=\d+", text)
+    assert "shrinking stopped after 1 s" in text or "Lost update" in text
