@@ -783,10 +783,11 @@ class RegistryMachine(RuleBasedStateMachine):
             self.live = False  # it passed here before (or passes, narrowly): stay quiet, the replay must match
 
     @classmethod
-    def _progress(cls, every: float = 10.0) -> None:
-        """Every *every* seconds, one line on the terminal: programs, bursts, and whether a failure is being shrunk."""
+    def _progress(cls) -> None:
+        """Every ``ORCH_PROGRESS_SECONDS`` (10), one line on the terminal: programs, bursts, and whether a failure is
+        being shrunk."""
         now = time.monotonic()
-        if now - cls._told < every:
+        if now - cls._told < float(os.environ.get("ORCH_PROGRESS_SECONDS", "10")):
             return
         cls._told = now
         shrinking = (f"; shrinking the failure found at {cls._failure_at - cls._started:.0f} s (at most"
