@@ -15,6 +15,8 @@ class OrchOptions:
     timeout: float = 300.0
     chaos: str | None = None  # --orch-chaos, e.g. "sigkill=3"; None: no faults
     schedule: str | None = None  # --orch-schedule, "random" or "pct:3" (pytest_orch.schedule); None: free-running
+    report: str | None = None  # --orch-report: a directory for each failing swarm's artifacts (pytest_orch.artifacts)
+    report_all: bool = False  # --orch-report-all: every swarm's, not only failing ones
 
 
 _current = OrchOptions()

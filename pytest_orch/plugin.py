@@ -22,6 +22,7 @@ import pytest
 
 from . import options as _options
 from .adapter import load_factory
+from .artifacts import write_artifacts
 from .checks import OrchViolation, Report, check_history, describe_errors, read_final
 from .conformance import verdict_for
 from .history import History
@@ -89,6 +90,24 @@ def _schedule(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _directory(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path is not a directory")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return str(path)
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not yes or no (1/0, true/false, on/off)")
+
+
 def _impl(text: str) -> str:
     if text in ("reference", "legacy"):
         return text
@@ -133,14 +152,21 @@ _OPTIONS = (
                                    " random workers at random moments (default: none)"),
     _Option("schedule", _schedule, None, "take turns at every file-system event: 'random' or 'pct[:DEPTH]', seeded"
                                          " by --orch-seed (default: none, free-running)"),
+    _Option("report", _directory, None, "write each failing swarm's history (JSON Lines), final documents, full"
+                                        " report and HTML timeline under this directory (default: none)"),
+    _Option("report_all", _flag, False, "with --orch-report, write every swarm, not only failing ones"),
 )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("orch", "pytest-orch: run N real processes against an agent registry")
     for opt in _OPTIONS:
-        group.addoption(opt.flag, type=opt.convert, default=None, dest="orch_" + opt.name,
-                        help=f"{opt.help}; also ini {opt.ini} and env {opt.env}")
+        if opt.default is False:  # a flag: --orch-X alone; ini and env take yes/no
+            group.addoption(opt.flag.replace("_", "-"), action="store_const", const=True, default=None,
+                            dest="orch_" + opt.name, help=f"{opt.help}; also ini {opt.ini} and env {opt.env}")
+        else:
+            group.addoption(opt.flag, type=opt.convert, default=None, dest="orch_" + opt.name,
+                            help=f"{opt.help}; also ini {opt.ini} and env {opt.env}")
         parser.addini(opt.ini, f"pytest-orch: {opt.help}", default=None)
 
 
@@ -329,6 +355,12 @@ class Swarm:
                            sessions_before=self.sessions_before, clock=clock)
         report = check_history(history, final, checks=checks, replay=self.replay(), exercises=exercises,
                                at_least=at_least)
+        if self.options.report and (self.options.report_all or not report.ok):
+            folder = write_artifacts(Path(self.options.report), self.request.node.nodeid,
+                                     self.histories.index(history) if history in self.histories else 0,
+                                     history, final, report)
+            report = replace(report, notes=(*report.notes, f"history, documents, full report and timeline.html"
+                                                           f" written to {folder}"))
         if history.schedule is not None:  # more schedules when it passed, the failure shrunk when it failed
             from .schedule import explain
 
