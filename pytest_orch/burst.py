@@ -21,7 +21,6 @@ import atexit
 import contextlib
 import os
 import pickle
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .adapter import Rejected, load_factory
+from .tmux import kill_session
 
 __all__ = ["MAX_WORKERS", "BurstError", "Job", "Op", "Record", "WorkerPool", "close_shared_pool", "perform",
            "shared_pool"]
@@ -104,13 +104,6 @@ class Job:
     op: Op | None
     index: int
     barrier_timeout: float
-
-
-def kill_session(name: str) -> None:
-    """Kill tmux session *name* on the server this process's environment points at; fine if it is already gone."""
-    proc = subprocess.run(["tmux", "kill-session", "-t", f"={name}"], capture_output=True, text=True, check=False)
-    if proc.returncode != 0 and "can't find session" not in proc.stderr and "no server running" not in proc.stderr:
-        raise OSError(f"tmux kill-session -t ={name} failed (exit {proc.returncode}): {proc.stderr.strip()}")
 
 
 def perform(adapter: Any, op: Op) -> Any:

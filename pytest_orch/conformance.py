@@ -27,6 +27,7 @@ from .adapter import Rejected
 from .history import raised
 from .linearize import Applied, Refused
 from .spec import ORCHESTRATOR, AgentModel, Command, RegistryModel, Spec
+from .tmux import kill_session
 
 __all__ = ["PROBES", "Mismatch", "Verdict", "check_contract", "render", "run_contract", "verdict_for"]
 
@@ -324,8 +325,6 @@ def _probe_terminal(p: _Probe, t: str) -> None:
 
 
 def _lose(p: _Probe, t: str, handle: str) -> None:
-    from .burst import kill_session
-
     record = p.records(t).get(p.ids[handle], {"id": p.ids[handle]})
     kill_session(p.spec.session_of(record))
     p.state = _state_with(p.state, t, handle, lambda a: p.spec.lose_session(a))

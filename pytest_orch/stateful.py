@@ -71,7 +71,7 @@ from hypothesis.stateful import (
 
 from . import options
 from .adapter import load_factory, promises_of
-from .burst import MAX_WORKERS, Op, Record, kill_session, shared_pool, timed
+from .burst import MAX_WORKERS, Op, Record, shared_pool, timed
 from .conformance import verdict_for
 from .linearize import Applied, Call, Search, linearize, lost
 from .options import orch_args
@@ -87,7 +87,7 @@ from .spec import (
     TaskModel,
     spec_of,
 )
-from .tmux import QUIET_AGENT_COMMAND, kill_server, private_env
+from .tmux import QUIET_AGENT_COMMAND, kill_server, kill_session, private_env
 from .tmux import apply as apply_env
 
 __all__ = ["AGENT_TYPES", "AgentModel", "BurstFailure", "Command", "LostUpdate", "ModelMismatch", "RegistryMachine",

@@ -30,6 +30,7 @@ from .adapter import Rejected, load_factory
 from .history import History, Op, Outcome, Recorder, raised, read_events
 from .schedule import child as _scheduled_child
 from .spec import rules_of
+from .tmux import kill_session
 
 __all__ = ["SwarmError", "SwarmTimeout", "Worker", "Workload", "run_swarm"]
 
@@ -79,9 +80,7 @@ class Worker:
 
     def kill_session(self, session: str) -> bool:
         """Kill tmux session *session* behind the registry's back (a recorded fault).  True if it was there."""
-        from registry.sessions import TmuxSessions
-
-        killed = self.call("tmux_kill", lambda: TmuxSessions().kill(session), fault=True, session=session)
+        killed = self.call("tmux_kill", lambda: kill_session(session), fault=True, session=session)
         return bool(killed)
 
 

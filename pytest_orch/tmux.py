@@ -53,8 +53,7 @@ def live_sessions() -> dict[str, float]:
     proc = subprocess.run(["tmux", "list-sessions", "-F", "#{session_created} #{session_name}"], capture_output=True,
                           text=True, check=False)
     if proc.returncode != 0:
-        gone = ("no server running", "No such file", "error connecting", "no current session")
-        if any(text in proc.stderr for text in gone):
+        if any(text in proc.stderr for text in GONE):
             return {}
         raise OSError(f"tmux list-sessions failed (exit {proc.returncode}): {proc.stderr.strip()}")
     out = {}
@@ -63,3 +62,19 @@ def live_sessions() -> dict[str, float]:
         if name:
             out[name] = float(created) if created.isdigit() else 0.0
     return out
+
+
+#: What tmux answers when the session, or its whole server, is already gone: the kill is done, not an error.
+GONE = ("can't find session", "no server running", "no current session", "No such file", "error connecting",
+        "server exited unexpectedly")
+
+
+def kill_session(name: str) -> bool:
+    """Kill tmux session *name* on the server this process's environment points at (the harness's own kill, never
+    the registry's).  Returns whether it was alive; a session or server already gone is not an error."""
+    proc = subprocess.run(["tmux", "kill-session", "-t", f"={name}"], capture_output=True, text=True, check=False)
+    if proc.returncode == 0:
+        return True
+    if any(text in proc.stderr for text in GONE):
+        return False
+    raise OSError(f"tmux kill-session -t ={name} failed (exit {proc.returncode}): {proc.stderr.strip()}")

@@ -182,3 +182,17 @@ def test_the_socket_is_resolved_as_tmux_resolves_it(tmux: TmuxSessions, tmp_path
     socket = tmux_cli("display-message", "-p", "-t", "agent_where", "#{socket_path}").stdout.strip()
     assert str(tmux.socket()) == socket
     assert TmuxSessions(socket_name="other").socket().name == "other"
+
+
+def test_the_harness_kill_treats_a_session_or_server_already_gone_as_gone(tmux: TmuxSessions) -> None:
+    """tmux answers "can't find session", "no server running" or "no current session" for what is already gone."""
+    import subprocess
+
+    from pytest_orch.tmux import kill_session
+
+    assert kill_session("nobody-here") is False  # no server at all
+    subprocess.run(["tmux", "new-session", "-d", "-s", "victim", "sleep 60"], check=True)
+    assert kill_session("victim") is True
+    assert kill_session("victim") is False  # the server exited with its last session, or the session is gone
+    subprocess.run(["tmux", "new-session", "-d", "-s", "other", "sleep 60"], check=True)
+    assert kill_session("victim") is False  # a live server that lacks it
