@@ -44,6 +44,9 @@ class Mismatch:
     did: str  # "returned ok and changed nothing"
     rule: str  # 'kill_of_terminal="refused"'
     suggestion: str = ""  # 'Rules(kill_of_terminal="ignored")', or "" when no declaration describes it
+    #: ``"rules"``: the registry does something its rules do not say (the concurrent tests would misread it);
+    #: ``"bug"``: its documents break an invariant even run alone (the concurrent tests report that themselves).
+    kind: str = "rules"
 
     def __str__(self) -> str:
         text = f"{self.operation} {self.did}; rules say {self.rule.replace(chr(39), chr(34))}."
@@ -128,8 +131,8 @@ class _Probe:
             return
         self.state = self.state.replace_task(t.replace_agent(replace(agent, status=status)))
 
-    def mismatch(self, operation: str, did: str, rule: str, suggestion: str = "") -> None:
-        self.found.append(Mismatch(operation, did, rule, suggestion))
+    def mismatch(self, operation: str, did: str, rule: str, suggestion: str = "", kind: str = "rules") -> None:
+        self.found.append(Mismatch(operation, did, rule, suggestion, kind))
 
     # -- building blocks --------------------------------------------------------------------------------------------
 
@@ -434,7 +437,7 @@ def _probe_documents(p: _Probe) -> None:
             elif v.rule in ("broken_hierarchy", "wrong_depth") and "parent" not in str(doc):
                 suggestion = "Rules(hierarchy=False)"
             p.mismatch(f"the document of task {handle} after the probes", f"breaks an invariant: {v.message}",
-                       "the invariants of the declared rules", suggestion)
+                       "the invariants of the declared rules", suggestion, kind="rules" if suggestion else "bug")
 
 
 PROBES: tuple[Callable[[_Probe, str], None], ...] = (_probe_updates, _probe_unknown, _probe_kills, _probe_terminal,
@@ -482,6 +485,11 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return not self.mismatches and not self.error
+
+    @property
+    def rules_hold(self) -> bool:
+        """No difference the concurrent tests would misread as lost writes (a plain bug they report themselves)."""
+        return not self.error and all(m.kind == "bug" for m in self.mismatches)
 
     def report(self) -> str:
         if self.error:

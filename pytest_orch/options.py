@@ -55,6 +55,10 @@ def progress(line: str) -> None:
     _progress(line)
 
 
+def progress_writer() -> Callable[[str], None]:
+    return _progress
+
+
 def set_progress(writer: Callable[[str], None]) -> None:
     global _progress
     _progress = writer

@@ -199,12 +199,24 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "orch(concurrency=None, ops=None, timeout=None): override --orch-concurrency, --orch-ops and"
                    " --orch-timeout for the swarms of this test")
     options = _resolve(config)
+    config.stash[_SAVED] = (_options.current(), _options.progress_writer())  # a nested (pytester) session restores them
     _options.set_current(options)
     set_invocation(Invocation(bool(config.getoption("pyargs", False)), config.invocation_params.dir,
                               config.rootpath))
     select_profile(config)  # ``ci`` when $CI is set and no --hypothesis-profile was given
     _options.set_progress(_progress_writer(config))
     _rows.clear()
+
+
+#: What pytest_configure replaced, put back by pytest_unconfigure.
+_SAVED = pytest.StashKey[tuple[OrchOptions, Callable[[str], None]]]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    saved = config.stash.get(_SAVED, None)
+    if saved is not None:
+        _options.set_current(saved[0])
+        _options.set_progress(saved[1])
 
 
 def _progress_writer(config: pytest.Config) -> Callable[[str], None]:
@@ -215,7 +227,9 @@ def _progress_writer(config: pytest.Config) -> Callable[[str], None]:
         capture = config.pluginmanager.get_plugin("capturemanager")
         if terminal is None or config.get_verbosity() < 0:
             return
-        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        # Progress must never fail a test: a closed terminal (a session that ended) shows nothing.
+        with contextlib.suppress(ValueError, OSError), (capture.global_and_fixture_disabled() if capture is not None
+                                                         else contextlib.nullcontext()):
             terminal.write_line(f"  {line}")
 
     return write
@@ -390,7 +404,7 @@ def require_contract(impl: str) -> None:
     """Skip the calling test when *impl* fails its conformance run (run once per process)."""
     __tracebackhide__ = True
     verdict = verdict_for(impl)
-    if not verdict.ok:
+    if not verdict.rules_hold:
         first = str(verdict.mismatches[0]) if verdict.mismatches else verdict.error
         more = f" (and {len(verdict.mismatches) - 1} more: see test_the_registry_does_what_its_rules_say)" \
             if len(verdict.mismatches) > 1 else ""

@@ -28,6 +28,7 @@ from correct_registries import (
     start_session,
 )
 
+from pytest_orch import Rules
 from pytest_orch.adapter import ReferenceAdapter
 from registry import model
 from registry.errors import DuplicateAgent, LimitExceeded
@@ -77,6 +78,9 @@ class _ForgetfulRegistry(Registry):
 class _CheckThenActRegistry:
     """A small registry that checks deduplication and limits on a read taken before it locks, then inserts."""
 
+    #: It starts no sessions, so reconcile has nothing to reap.
+    rules = Rules(reaped=frozenset())
+
     def __init__(self, base: Path) -> None:
         self.base = base
 
@@ -117,8 +121,10 @@ class _CheckThenActRegistry:
     def update(self, task_id: str, agent_id: str, status: str, progress: int) -> None:
         from pytest_orch.adapter import Rejected
 
+        if status not in ACTIVE | TERMINAL:
+            raise Rejected(f"{status!r} is not a status")
         with self._file(task_id).transaction() as doc:
-            agent = next(a for a in doc["agents"] if a["id"] == agent_id)
+            agent = self._agent(doc, agent_id)
             if agent["status"] in TERMINAL:
                 raise Rejected(f"{agent_id} is {agent['status']}")
             agent.update(status=status, progress=progress)
@@ -128,11 +134,20 @@ class _CheckThenActRegistry:
         from pytest_orch.adapter import Rejected
 
         with self._file(task_id).transaction() as doc:
-            agent = next(a for a in doc["agents"] if a["id"] == agent_id)
+            agent = self._agent(doc, agent_id)
             if agent["status"] in TERMINAL:
                 raise Rejected(f"{agent_id} is {agent['status']}")
             agent["status"] = "terminated"
             model.recompute_task_counters(doc)
+
+    @staticmethod
+    def _agent(doc: dict[str, Any], agent_id: str) -> dict[str, Any]:
+        from pytest_orch.adapter import Rejected
+
+        agent = next((a for a in doc["agents"] if a["id"] == agent_id), None)
+        if agent is None:
+            raise Rejected(f"no agent {agent_id}")
+        return agent
 
     def reconcile(self, task_id: str) -> None:
         pass  # it starts no sessions, so none can vanish

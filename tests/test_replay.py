@@ -41,7 +41,7 @@ def test_the_replay_line_of_a_swarm_failure_runs_as_printed(pytester: pytest.Pyt
 
 
 def test_a_stateful_failure_prints_its_seed_and_a_replay_line_that_runs(pytester: pytest.Pytester) -> None:
-    line, again = _replay(pytester, "--pyargs", "pytest_orch.suite.test_stateful", "--hypothesis-profile=dev")
+    line, again = _replay(pytester, "--pyargs", "pytest_orch.suite.test_stateful", "--hypothesis-profile=ci")
     assert re.search(r"--hypothesis-seed=\d+", line), line
     text = again.stdout.str()
     assert "not found" not in text, text[-2000:]

@@ -221,7 +221,7 @@ def test_the_model_reconciles_only_active_agents_whose_session_is_gone() -> None
 def test_shrinking_stops_at_its_budget_and_the_report_says_so(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORCH_SHRINK_SECONDS", "1")
     monkeypatch.setenv("ORCH_PROGRESS_SECONDS", "0.5")
-    result = run("--pyargs", SUITE, "--orch-impl=legacy", "--orch-concurrency=10", "--hypothesis-profile=dev")
+    result = run("--pyargs", SUITE, "--orch-impl=legacy", "--orch-concurrency=10", "--hypothesis-profile=ci")
     text = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
     assert re.search(r"^  stateful RegistryMachine: \d+ s, \d+ programs, \d+ bursts", text, re.MULTILINE), text[-3000:]
