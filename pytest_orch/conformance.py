@@ -297,6 +297,44 @@ def _probe_kills(p: _Probe, t: str) -> None:
         p.state = effect.state
 
 
+def _expect(p: _Probe, t: str, cmd: Command, operation: str) -> None:
+    """Run *cmd* and compare its outcome and the agent's status with what the specification says, whatever it is."""
+    got, effect = p.run(cmd)
+    options = effect if isinstance(effect, tuple) else (effect,)
+    applied = [e for e in options if isinstance(e, Applied)]
+    after = p.seen(t, cmd.agent)[0]
+    if got.outcome == "info":
+        p.mismatch(operation, f"raised {got.error}", "it returns ok or raises Rejected")
+        return
+    if got.outcome == "fail":
+        if len(applied) == len(options):
+            p.mismatch(operation, f"was refused ({got.error})", "it is applied")
+        return
+    wants = []
+    for e in applied:
+        agent = e.state.task(t).agent(cmd.agent) if e.state.task(t) else None
+        wants.append("absent" if agent is None or p.spec.is_hidden(agent.status) else agent.status)
+    if not applied:
+        refusal = next((e.reason for e in options if isinstance(e, Refused)), "")
+        p.mismatch(operation, f"returned ok and left it {after}", f"it is refused ({refusal})")
+    elif after not in wants:
+        p.mismatch(operation, f"returned ok and left it {after}", f"it becomes {' or '.join(sorted(set(wants)))}")
+    else:
+        p.state = applied[wants.index(after)].state
+        return
+    p.adopt(t, cmd.agent, after)
+
+
+def _probe_each_active_status(p: _Probe, t: str) -> None:
+    """A kill and a reconcile-free update from every active status the registry can be put in."""
+    r = p.spec.rules
+    for status in sorted(r.update_statuses & r.active):
+        a = p.agent(t)
+        if a is None or (status != r.deployed_as and not p.set_status(t, a, status)):
+            continue
+        _expect(p, t, Command("kill", t, a), f"kill of {status} agent {a}")
+
+
 def _probe_terminal(p: _Probe, t: str) -> None:
     r = p.spec.rules
     a = p.agent(t)
@@ -441,7 +479,7 @@ def _probe_documents(p: _Probe) -> None:
 
 
 PROBES: tuple[Callable[[_Probe, str], None], ...] = (_probe_updates, _probe_unknown, _probe_kills, _probe_terminal,
-                                                     _probe_reconcile)
+                                                     _probe_each_active_status, _probe_reconcile)
 
 
 def check_contract(adapter: Any, spec: Spec) -> list[Mismatch]:
