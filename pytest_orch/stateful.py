@@ -700,6 +700,9 @@ class RegistryMachine(RuleBasedStateMachine):
     compare_progress: ClassVar[bool] = True
     check_sessions: ClassVar[bool] = True
     max_tasks: ClassVar[int] = 3
+    #: How many tasks one burst may touch (``ORCH_BURST_TASKS``, default 1): above 1, bursts mix operations of
+    #: several tasks, which race on the global registry they all write.
+    burst_tasks: ClassVar[int] = int(os.environ.get("ORCH_BURST_TASKS", "1"))
     #: Set when a check failed in this run: from then on passing bursts are re-run before they count as passing.
     _failure_seen: ClassVar[bool] = False
     #: Set when a burst showed a lost update: from then on only lost updates count while shrinking.
@@ -1027,8 +1030,10 @@ class RegistryMachine(RuleBasedStateMachine):
             return "   never" if ns is None else f"{(ns - t0) / 1e6:8.3f}"
 
         if burst:
+            touched = sorted({c.task for c in commands})
             lines = [f"{'Lost update: a' if lost_lines else 'A'} burst of {len(commands)} operations on task"
-                     f" {commands[0].task} is not linearizable: no order of them explains what the registry holds"
+                     f"{'s' if len(touched) > 1 else ''} {', '.join(touched)} is not linearizable: no order of them"
+                     " explains what the registry holds"
                      f" ({{RUNS}}; impl {self.impl_spec})."]
         else:
             lines = [f"{commands[0]} did what the model does not allow (impl {self.impl_spec})."]
@@ -1113,7 +1118,7 @@ class RegistryMachine(RuleBasedStateMachine):
             self.run_serial(Command("deploy", task, handles[-1], agent_type))
         return multiple(*handles)
 
-    @precondition(lambda self: len(self.state.tasks) < self.max_tasks)
+    @precondition(lambda self: len(self.handles) < self.max_tasks)  # drawn tasks, not outcomes: never flaky
     @rule(target=tasks, max_agents=st.sampled_from(MAX_AGENTS), max_concurrent=st.sampled_from(MAX_CONCURRENT),
           max_depth=st.sampled_from(MAX_DEPTH))
     def create_task(self, max_agents: int, max_concurrent: int, max_depth: int) -> str:
@@ -1150,11 +1155,18 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(target=agents, task=tasks, data=st.data())
     def burst(self, task: str, data: st.DataObject) -> Any:
-        """2..N operations on *task* at the same instant; see :meth:`run_burst`."""
-        known = tuple(self.handles[task])  # drawn handles only: the same program whatever the timing did
-        drawn = data.draw(st.lists(burst_commands(task, known, self.registry_rules), min_size=2,
-                                   max_size=self.burst_max), label="burst")
-        commands = [replace(c, agent=self._new_agent(task)) if c.kind == "deploy" else c for c in drawn]
+        """2..N operations at the same instant, on *task* (and, with :attr:`burst_tasks` above 1, on as many of the
+        other tasks: several tasks writing one global registry at once); see :meth:`run_burst`."""
+        others = [t for t in self.handles if t != task]  # drawn handles: the same whatever the outcomes were
+        tasks = [task, *others][:max(1, self.burst_tasks)]
+
+        def on(t: str) -> st.SearchStrategy[Command]:
+            # drawn handles only: the same program whatever the timing did
+            return burst_commands(t, tuple(self.handles[t]), self.registry_rules)
+
+        one = on(task) if len(tasks) == 1 else st.sampled_from(tasks).flatmap(on)
+        drawn = data.draw(st.lists(one, min_size=2, max_size=self.burst_max), label="burst")
+        commands = [replace(c, agent=self._new_agent(c.task)) if c.kind == "deploy" else c for c in drawn]
         self.run_burst(commands)
         return multiple(*(c.agent for c in commands if c.kind == "deploy"))
 

@@ -7,8 +7,10 @@ burst of at most three operations whose report shows a lost update.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -228,3 +230,20 @@ def test_shrinking_stops_at_its_budget_and_the_report_says_so(run: Run, monkeypa
     assert "shrinking the failure found at" in text  # the progress says it is shrinking
     assert "shrinking stopped after 1 s with smaller programs still untried" in text
     assert re.search(r"replay: pytest .*--hypothesis-seed=\d+", text)
+
+
+@pytest.mark.parametrize("impl", ["buggy_registries:reference_global_unlocked",
+                                  *(["reference"] if os.environ.get("ORCH_SOAK") else [])])
+def test_bursts_over_several_tasks_catch_a_global_registry_written_without_its_lock(
+        run: Run, monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    """ORCH_BURST_TASKS=3: bursts mix operations of several tasks, all writing one global registry (the incident's
+    scenario); the reference with the global registry's own lock removed loses writes, the reference does not."""
+    monkeypatch.setenv("ORCH_BURST_TASKS", "3")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    result = run("--pyargs", SUITE, f"--orch-impl={impl}", "--orch-concurrency=10", "--hypothesis-profile=ci")
+    text = result.stdout.str()
+    if impl == "reference":
+        assert result.ret == pytest.ExitCode.OK, text[-3000:]
+        return
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
+    assert re.search(r"burst of \d+ operations on tasks? t\d(, t\d)* is not linearizable", text), text[-3000:]
