@@ -66,7 +66,7 @@ def live_sessions() -> dict[str, float]:
 
 #: What tmux answers when the session, or its whole server, is already gone: the kill is done, not an error.
 GONE = ("can't find session", "no server running", "no current session", "No such file", "error connecting",
-        "server exited unexpectedly")
+        "server exited unexpectedly", "no current target")
 
 
 def kill_session(name: str) -> bool:

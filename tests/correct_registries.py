@@ -30,7 +30,7 @@ TASK_FILE = "AGENT_REGISTRY.json"
 GLOBAL_FILE = Path("registry") / "GLOBAL_REGISTRY.json"
 #: tmux's answers that mean "there is no such session" (for kill) or "there are no sessions" (for list).
 GONE = ("can't find session", "no server running", "no current session", "error connecting to",
-        "server exited unexpectedly")
+        "server exited unexpectedly", "no current target")
 
 
 # -- files ------------------------------------------------------------------------------------------------------------

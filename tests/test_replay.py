@@ -16,6 +16,11 @@ SUITE = Path(pytest_orch.__file__).resolve().parent / "suite"
 
 
 def _replay(pytester: pytest.Pytester, *args: str) -> tuple[str, pytest.RunResult]:
+    line, _first, again = _replay_all(pytester, *args)
+    return line, again
+
+
+def _replay_all(pytester: pytest.Pytester, *args: str) -> tuple[str, str, pytest.RunResult]:
     """Run pytest with *args* (it must fail), then the replay line it printed, from the same directory."""
     first = pytester.run(sys.executable, "-m", "pytest", "--orch-impl=legacy", "--orch-concurrency=10",
                          "-p", "no:cacheprovider", *args)
@@ -25,7 +30,7 @@ def _replay(pytester: pytest.Pytester, *args: str) -> tuple[str, pytest.RunResul
     command = shlex.split(lines[0])
     assert command[0] == "pytest"
     again = pytester.run(sys.executable, "-m", "pytest", *command[1:], "-p", "no:cacheprovider")
-    return lines[0], again
+    return lines[0], first.stdout.str(), again
 
 
 @pytest.mark.parametrize("target", [["--pyargs", "pytest_orch.suite"],
@@ -40,9 +45,17 @@ def test_the_replay_line_of_a_swarm_failure_runs_as_printed(pytester: pytest.Pyt
     assert "test_concurrent_deploys_of_distinct_types_are_all_recorded" in line
 
 
-def test_a_stateful_failure_prints_its_seed_and_a_replay_line_that_runs(pytester: pytest.Pytester) -> None:
-    line, again = _replay(pytester, "--pyargs", "pytest_orch.suite.test_stateful", "--hypothesis-profile=ci")
+def test_a_stateful_failure_prints_its_seed_and_a_replay_line_that_runs(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: the stateful test shows its progress while it runs, and shrinks within its budget, saying so."""
+    monkeypatch.setenv("ORCH_SHRINK_SECONDS", "2")
+    monkeypatch.setenv("ORCH_PROGRESS_SECONDS", "0.5")
+    line, first, again = _replay_all(pytester, "--pyargs", "pytest_orch.suite.test_stateful",
+                                     "--hypothesis-profile=ci")
     assert re.search(r"--hypothesis-seed=\d+", line), line
+    assert re.search(r"^  stateful RegistryMachine: \d+ s, \d+ programs, \d+ bursts", first, re.MULTILINE)
+    assert "shrinking the failure found at" in first  # the progress says it is shrinking
+    assert "shrinking stopped after 2 s with smaller programs still untried" in first
     text = again.stdout.str()
     assert "not found" not in text, text[-2000:]
     outcomes = again.parseoutcomes()

@@ -220,18 +220,6 @@ def test_the_model_reconciles_only_active_agents_whose_session_is_gone() -> None
     assert [a.status for a in after.state.tasks[0].agents] == ["terminated", "running", "completed"]
 
 
-def test_shrinking_stops_at_its_budget_and_the_report_says_so(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ORCH_SHRINK_SECONDS", "1")
-    monkeypatch.setenv("ORCH_PROGRESS_SECONDS", "0.5")
-    result = run("--pyargs", SUITE, "--orch-impl=legacy", "--orch-concurrency=10", "--hypothesis-profile=ci")
-    text = result.stdout.str()
-    assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
-    assert re.search(r"^  stateful RegistryMachine: \d+ s, \d+ programs, \d+ bursts", text, re.MULTILINE), text[-3000:]
-    assert "shrinking the failure found at" in text  # the progress says it is shrinking
-    assert "shrinking stopped after 1 s with smaller programs still untried" in text
-    assert re.search(r"replay: pytest .*--hypothesis-seed=\d+", text)
-
-
 @pytest.mark.parametrize("impl", ["buggy_registries:reference_global_unlocked",
                                   *(["reference"] if os.environ.get("ORCH_SOAK") else [])])
 def test_bursts_over_several_tasks_catch_a_global_registry_written_without_its_lock(
