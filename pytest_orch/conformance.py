@@ -351,7 +351,7 @@ def _probe_terminal(p: _Probe, t: str) -> None:
         p.mismatch(f"update of {done} agent {a} to {target!r}", "was applied", "terminal_is_final=True",
                    "Rules(terminal_is_final=False)")
         p.adopt(t, a, after)
-    elif not r.terminal_is_final and got.outcome == "fail":
+    elif not r.terminal_is_final and got.outcome == "fail" and not isinstance(effect, Refused):
         p.mismatch(f"update of {done} agent {a} to {target!r}", "was refused", "terminal_is_final=False",
                    "Rules(terminal_is_final=True)")
     elif got.outcome == "ok" and not moved:

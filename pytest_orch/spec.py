@@ -50,7 +50,9 @@ class Rules:
     Statuses: ``active``, ``terminal`` and ``hidden`` (a tombstone: an agent in it reads as absent) are the
     registry's vocabulary; the checks, reports and the state machine speak it, nothing is translated.
 
-    - ``terminal_is_final``: False when an update may move a terminal agent to any status (and is applied).
+    - ``terminal_is_final``: False when an update may move a terminal agent to any status (and is applied); one
+      that makes it active again is admitted as a deploy is, refused when it would break a promised
+      ``unique_type`` or ``max_concurrent``.
     - ``kill_of_terminal``: a kill of a terminal agent is ``"refused"`` (Rejected), ``"ignored"`` (ok, nothing
       changes) or ``"applied"`` (ok, the agent becomes ``killed_to``).
     - ``reaped``/``reaped_to``: the statuses reconcile reaps when the agent's session is gone, and what it sets.
@@ -431,6 +433,8 @@ class Spec:
             return Refused(f"{cmd.agent} is not an agent of {cmd.task}")
         if cmd.kind == "update":
             after = self.update(agent, cmd.status, cmd.progress)
+            if not isinstance(after, Refused) and not self.is_active(agent) and self.is_active(after):
+                return self._reactivate(state, task, after)
         elif cmd.kind == "kill":
             after = self.kill(agent)
         else:
@@ -459,6 +463,21 @@ class Spec:
         agents = tuple(sorted((*task.agents, agent), key=_handle_number))
         applied = Applied(state.replace_task(replace(task, agents=agents)))
         if broken:  # only rules the registry does not promise: it may refuse, or not
+            return applied, Refused(", ".join(broken) + " (not promised)")
+        return applied
+
+    def _reactivate(self, state: RegistryModel, task: TaskModel, agent: AgentModel) -> Effect | tuple[Effect, ...]:
+        """An update that makes a non-active agent active again (``terminal_is_final=False``) admits it as a deploy
+        does: refused when it would break a promised limit (``unique_type``, ``max_concurrent``); either way when it
+        would break only limits the registry does not promise."""
+        others = [a for a in task.agents if a.handle != agent.handle and self.is_active(a)]
+        broken = (["unique_type"] if any(a.type == agent.type for a in others) else []) \
+            + (["max_concurrent"] if len(others) >= task.max_concurrent else [])
+        hard = [r for r in broken if r in self.promises]
+        if hard:
+            return Refused(f"making {agent.handle} {agent.status} again would break " + ", ".join(hard))
+        applied = Applied(state.replace_task(task.replace_agent(agent)))
+        if broken:
             return applied, Refused(", ".join(broken) + " (not promised)")
         return applied
 

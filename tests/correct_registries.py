@@ -232,8 +232,15 @@ class TaskRegistry:
         agent = self._agent(doc, agent_id)
         if status not in ACTIVE | TERMINAL:
             raise Rejected(f"{status!r} is not a status")
-        if self.terminal_is_final and agent["status"] not in ACTIVE:
-            raise Rejected(f"{agent_id} is already {agent['status']}")
+        if agent["status"] not in ACTIVE:
+            if self.terminal_is_final:
+                raise Rejected(f"{agent_id} is already {agent['status']}")
+            if status in ACTIVE:  # active again: admitted as a deploy is, under the same limits
+                others = [a for a in doc["agents"] if a["status"] in ACTIVE]
+                if any(a["type"] == agent["type"] for a in others):
+                    raise Rejected(f"a {agent['type']} agent is already active")
+                if len(others) >= doc["max_concurrent"]:
+                    raise Rejected(f"max_concurrent {doc['max_concurrent']} reached")
         agent.update(status=status, progress=progress)
         return agent
 

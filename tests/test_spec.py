@@ -10,8 +10,8 @@ import pytest
 from pytest_orch import Rules, Spec
 from pytest_orch.adapter import ReferenceAdapter, Rejected
 from pytest_orch.conformance import check_contract
-from pytest_orch.linearize import Refused
-from pytest_orch.spec import AgentModel, rules_of, spec_of
+from pytest_orch.linearize import Applied, Refused
+from pytest_orch.spec import AgentModel, Command, RegistryModel, TaskModel, rules_of, spec_of
 from pytest_orch.tmux import QUIET_AGENT_COMMAND, private_server
 
 
@@ -78,3 +78,30 @@ def test_a_spec_that_is_not_a_spec_subclass_is_refused_with_what_to_write() -> N
 
     with pytest.raises(TypeError, match=r"must be a subclass of pytest_orch\.spec\.Spec"):
         spec_of(Wrong())
+
+
+def test_an_update_that_makes_a_terminal_agent_active_again_is_admitted_like_a_deploy() -> None:
+    """With ``terminal_is_final=False``, a reactivation that would break a promised limit is refused; one that would
+    break only an unpromised limit may go either way; one with room is applied."""
+    done = AgentModel("a1", "coder", "orchestrator", 1, "completed")
+    busy = AgentModel("a2", "tester", "orchestrator", 1, "running")
+    twin = AgentModel("a3", "coder", "orchestrator", 1, "running")
+    back = Command("update", "t1", "a1", status="running", progress=5)
+
+    def state(max_concurrent: int, *others: AgentModel) -> RegistryModel:
+        return RegistryModel((TaskModel("t1", 10, max_concurrent, 3, (done, *others)),))
+
+    spec = Spec(Rules(terminal_is_final=False), frozenset({"unique_type", "max_concurrent"}))
+    assert isinstance(spec.apply(state(2, busy), back), Applied)
+    full = spec.apply(state(1, busy), back)
+    assert isinstance(full, Refused)
+    assert "max_concurrent" in full.reason
+    same_type = spec.apply(state(5, twin), back)
+    assert isinstance(same_type, Refused)
+    assert "unique_type" in same_type.reason
+    unpromised = Spec(Rules(terminal_is_final=False), frozenset()).apply(state(1, busy), back)
+    assert isinstance(unpromised, tuple)
+    assert {type(e) for e in unpromised} == {Applied, Refused}
+    # Terminal to terminal takes no room, and with terminal_is_final (the default) any update of it is refused.
+    assert isinstance(spec.apply(state(1, busy), Command("update", "t1", "a1", status="failed")), Applied)
+    assert isinstance(Spec(Rules(), frozenset({"max_concurrent"})).apply(state(2, busy), back), Refused)
