@@ -313,6 +313,25 @@ def leaks_session_on_refusal(workspace: Path) -> _LeaksSessionOnRefusal:
     return _LeaksSessionOnRefusal(workspace)
 
 
+class _AdmitsBeforeLock(Plain):
+    def deploy(self, task_id: str, agent_type: str, parent: str = "orchestrator") -> str:
+        path = self._path(task_id)
+        depth = self._admit(read_json(path), agent_type, parent)  # the bug: admitted on a read taken unlocked
+        agent_id = f"{agent_type}-{secrets.token_hex(3)}"
+        with locked(path):
+            doc = read_json(path)  # a fresh read: nothing is lost, but the limits were judged on a stale one
+            start_session(f"agent_{agent_id}")
+            agent = self._register(doc, agent_id, agent_type, parent, depth)
+            self._commit(path, doc, [agent])
+        return agent_id
+
+
+def admits_before_lock(workspace: Path) -> _AdmitsBeforeLock:
+    """correct_registries:plain, but a deploy checks the limits on a read taken before the lock: limits breached,
+    nothing lost."""
+    return _AdmitsBeforeLock(workspace)
+
+
 class _ReconcileListsBeforeLock(Plain):
     def reconcile(self, task_id: str) -> None:
         path = self._path(task_id)

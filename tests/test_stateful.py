@@ -235,3 +235,19 @@ def test_bursts_over_several_tasks_catch_a_global_registry_written_without_its_l
         return
     assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
     assert re.search(r"burst of \d+ operations on tasks? t\d(, t\d)* is not linearizable", text), text[-3000:]
+
+
+def test_a_registry_that_loses_nothing_but_breaks_its_limits_fails_with_no_lost_update_named(
+        run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deploy admitted on a stale read breaks unique_type and loses nothing: the machine, after looking for a lost
+    update for ORCH_LOST_FIRST_SECONDS, shrinks the breach to two deploys and calls it what it is; and a registry
+    without a global registry is never said to have lost a write in one."""
+    monkeypatch.setenv("ORCH_LOST_FIRST_SECONDS", "3")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    result = run("--pyargs", SUITE, "--orch-impl=buggy_registries:admits_before_lock", "--orch-concurrency=10",
+                 "--hypothesis-profile=ci")
+    text = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
+    assert "BurstFailure: A burst of 2 operations on task t0 is not linearizable" in text, text[-6000:]
+    assert "Lost update" not in text, text[-6000:]
+    assert len(re.findall(r"  #\d  +[\d.]+ \.\. +[\d.]+  ok    deploy\(t0, '(\w+)'", text)) == 2, text[-6000:]
