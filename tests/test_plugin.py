@@ -272,8 +272,8 @@ def test_nothing_is_shared_between_xdist_workers(pytester: pytest.Pytester) -> N
 def test_the_suite_passes_against_the_reference_at_concurrency_10(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--pyargs", "pytest_orch.suite", "--orch-concurrency=10",
                                            "-k", "not stateful", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=13)  # the contract and the 12 swarm tests
-    result.stdout.fnmatch_lines(["total: 12 swarm tests * 0"])
+    result.assert_outcomes(passed=15)  # the contract and the 14 swarm tests
+    result.stdout.fnmatch_lines(["total: 14 swarm tests * 0"])
 
 
 def test_the_suite_fails_against_legacy_with_a_lost_update_report_naming_the_lost_agents(

@@ -262,6 +262,52 @@ def test_a_seeded_random_mix_of_everything(orch_registry: Any, orch_swarm: Any, 
     orch_swarm.check(history, exercises=["deploy"], at_least=3)
 
 
+def test_tasks_created_concurrently_are_all_kept(orch_swarm: Any, orch_options: OrchOptions) -> None:
+    """Every process creates tasks while the others do, and deploys into its first: each task created must read back
+    (with its agent) and, when the registry keeps one, be in the global registry.  Only the first gets a deploy, as a
+    deploy that rewrites the global registry could put back a task entry that a racing create had lost."""
+    per = min(orch_options.ops, 4)
+
+    def work(w: Worker) -> None:
+        for i in range(per):
+            task = w.registry.create_task(f"p{w.process} task {i}", max_agents=5, max_concurrent=5, max_depth=3)
+            if task is not None and i == 0:
+                w.registry.deploy(task, "scout")
+
+    history = orch_swarm(work, tasks=[], ops=per + 1)
+    orch_swarm.check(history, exercises=["create_task", "deploy"], at_least=orch_options.concurrency)
+
+
+def test_reconciles_of_many_tasks_at_once_keep_the_global_registry_whole(orch_registry: Any, orch_swarm: Any,
+                                                                        orch_options: OrchOptions,
+                                                                        orch_spec: Spec) -> None:
+    """Sessions die in several tasks at once and each task's processes reconcile it, while the others change
+    statuses: every reap and every update must reach the global registry (a reconcile's write of it races with every
+    other task's)."""
+    n = orch_options.concurrency
+    tasks = [orch_registry.create_task(f"task {i}", max_agents=60, max_concurrent=60, max_depth=3)
+             for i in range(max(2, min(4, n // 2)))]
+    per = min(orch_options.ops, 6)
+    agents = {t: [orch_registry.deploy(t, f"a{i}") for i in range(per)] for t in tasks}
+    sessions = {t: _session(orch_spec, orch_registry, t) for t in tasks}
+    working = _working(orch_spec)
+
+    def work(w: Worker) -> None:
+        task = w.shared["tasks"][w.process % len(w.shared["tasks"])]
+        mine = w.shared["agents"][task]
+        for i in range(per):
+            agent = mine[(w.process // len(w.shared["tasks"]) + i) % len(mine)]
+            if w.process % 2 or not working:  # half the processes lose sessions and reap them
+                w.kill_session(w.shared["sessions"][task][agent])
+                w.registry.reconcile(task)
+            else:
+                w.registry.update(task, agent, w.rng.choice(working), w.rng.randrange(101))
+
+    history = orch_swarm(work, tasks=tasks, ops=2 * per, shared={"tasks": tasks, "agents": agents,
+                                                                 "sessions": sessions})
+    orch_swarm.check(history, exercises=["reconcile"], at_least=len(tasks))
+
+
 def test_many_tasks_at_once_keep_the_global_registry_whole(orch_registry: Any, orch_swarm: Any,
                                                           orch_options: OrchOptions, orch_spec: Spec) -> None:
     """The incident's scenario: several tasks, each with its own processes, all writing one global registry."""
