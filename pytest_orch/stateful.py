@@ -163,48 +163,58 @@ def run_machine(machine: type[RegistryMachine], *, settings: settings | None = N
     """Run *machine* as a Hypothesis test with :func:`machine_settings` (or *settings*).
 
     Raises what Hypothesis raises (the shrunk failure), or BurstFailure for a burst that failed too rarely to shrink.
+    A first pass looks for a lost update, setting other reliable burst failures aside for a while (see
+    :attr:`RegistryMachine.lost_first_seconds`); if it ends with one set aside and no failure shrunk, a second pass
+    with the same seed (the same programs) takes the first failure of any kind and shrinks it.
     """
     verdict = verdict_for(machine.impl or options.current().impl)
     if not verdict.rules_hold:
         first = verdict.mismatches[0] if verdict.mismatches else verdict.error
         pytest.skip(f"the registry does not follow its declared rules (see test_the_registry_does_what_its_rules_say):"
                     f" [contract] {first}")
-    machine._failure_seen = machine._lost_seen = machine._shrink_stopped = False
-    machine._failure_at = machine._aside_at = None
-    machine._programs = machine._bursts = 0
-    machine._started = machine._told = time.monotonic()
-    for key in [k for k in _verdicts if k[0] is machine]:
-        del _verdicts[key]
-    _rare.pop(machine, None)
-    _aside.pop(machine, None)
     forced: int | None = hypothesis_core.global_force_seed  # --hypothesis-seed, if given
     seed = forced if forced is not None else random.randrange(2**32)
-    # Hypothesis' own pytest plugin sets this for --hypothesis-seed: the same seed replays the same programs.
-    setattr(hypothesis_core, "global_force_seed", seed)  # noqa: B010 - typed as None in hypothesis
-    try:
-        run_state_machine_as_test(machine, settings=settings or machine_settings())
-    except Exception as exc:  # a failure (pytest's skip and fail outcomes are BaseExceptions and pass through)
-        if machine._shrink_stopped:
-            exc.add_note(f"(shrinking stopped after {machine.shrink_seconds:g} s with smaller programs still untried:"
-                         " set ORCH_SHRINK_SECONDS or RegistryMachine.shrink_seconds higher for a smaller one)")
-        exc.add_note(_replay_note(machine, seed))
-        raise
-    finally:
-        setattr(hypothesis_core, "global_force_seed", forced)  # noqa: B010
-        close_tmux_server()
-    aside, rare = _aside.pop(machine, []), _rare.pop(machine, [])
-    if aside:
-        failure = BurstFailure(f"Hypothesis found no lost update in {machine.lost_first_seconds:g} s"
-                               " (ORCH_LOST_FIRST_SECONDS) after this burst failed, nor did this failure come"
-                               " back to be shrunk:\n\n" + aside[0])
-        failure.add_note(_replay_note(machine, seed))
-        raise failure
+    machine._started = time.monotonic()
+    for lost_first in (True, False):
+        _reset(machine, lost_first)
+        # Hypothesis' own pytest plugin sets this for --hypothesis-seed: the same seed replays the same programs.
+        setattr(hypothesis_core, "global_force_seed", seed)  # noqa: B010 - typed as None in hypothesis
+        try:
+            run_state_machine_as_test(machine, settings=settings or machine_settings())
+        except Exception as exc:  # a failure (pytest's skip and fail outcomes are BaseExceptions and pass through)
+            if machine._shrink_stopped:
+                exc.add_note(f"(shrinking stopped after {machine.shrink_seconds:g} s with smaller programs still"
+                             " untried: set ORCH_SHRINK_SECONDS or RegistryMachine.shrink_seconds higher for a"
+                             " smaller one)")
+            exc.add_note(_replay_note(machine, seed))
+            raise
+        finally:
+            setattr(hypothesis_core, "global_force_seed", forced)  # noqa: B010
+            close_tmux_server()
+        if not _aside.pop(machine, []):
+            break
+        options.progress(f"stateful {machine.__name__}: no lost update found; the same programs again, to shrink the"
+                         " first failure of another kind")
+    rare = _rare.pop(machine, [])
     if rare:
         failure = BurstFailure("Hypothesis found no burst that fails reliably, but this one did fail:\n\n" + rare[0])
         if len(rare) > 1:
             failure.add_note(f"({len(rare) - 1} more bursts failed as rarely.)")
         failure.add_note(_replay_note(machine, seed))
         raise failure
+
+
+def _reset(machine: type[RegistryMachine], lost_first: bool) -> None:
+    """Forget every verdict of an earlier run of *machine*."""
+    machine._failure_seen = machine._lost_seen = machine._shrink_stopped = False
+    machine._failure_at = machine._aside_at = None
+    machine._lost_first = lost_first
+    machine._programs = machine._bursts = 0
+    machine._told = time.monotonic()
+    for key in [k for k in _verdicts if k[0] is machine]:
+        del _verdicts[key]
+    _rare.pop(machine, None)
+    _aside.pop(machine, None)
 
 
 def _replay_note(machine: type[RegistryMachine], seed: int) -> str:
@@ -704,10 +714,11 @@ class RegistryMachine(RuleBasedStateMachine):
     #: Seconds the hunt goes on looking for a lost update after a burst first failed reliably in another way (a
     #: limit breached, say): meanwhile such failures are set aside and the hunt goes on, so that a registry with a
     #: lost update is shown that, its worst failure, shrunk, rather than whichever failure came first.  After that the
-    #: next reliable failure of any kind is shrunk, and if none comes, :func:`run_machine` fails with the first one
-    #: set aside (``ORCH_LOST_FIRST_SECONDS``).
+    #: next reliable failure of any kind is shrunk, and if none comes, :func:`run_machine` runs the same programs
+    #: again, taking the first failure of any kind (``ORCH_LOST_FIRST_SECONDS``).
     lost_first_seconds: ClassVar[float] = float(os.environ.get("ORCH_LOST_FIRST_SECONDS", "30"))
     _aside_at: ClassVar[float | None] = None
+    _lost_first: ClassVar[bool] = True  # False in run_machine's second pass
     _shrink_stopped: ClassVar[bool] = False
     _programs: ClassVar[int] = 0
     _bursts: ClassVar[int] = 0
@@ -1011,6 +1022,8 @@ class RegistryMachine(RuleBasedStateMachine):
     @classmethod
     def _still_looking_for_a_lost_update(cls) -> bool:
         """Whether a reliable burst failure other than a lost update is set aside (see :attr:`lost_first_seconds`)."""
+        if not cls._lost_first:
+            return False
         if cls._aside_at is None:
             cls._aside_at = time.monotonic()
         return time.monotonic() - cls._aside_at < cls.lost_first_seconds

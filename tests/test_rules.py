@@ -43,15 +43,21 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):  # type: 
 
 
 CORRECT = ["idempotent_kill", "reap_running_to_completed", "terminal_not_final", "projects", "no_max_depth"]
+#: ORCH_SOAK=1: every verdict of issue 9 over 5 seeds (--orch-seed 1000..1004); the default run, one unseeded run.
+SEEDS = range(5) if SOAK else [None]
+
+
+def seeded(seed: int | None) -> list[str]:
+    return [f"--orch-seed={seed + 1000}"] if seed is not None else []
 
 
 # The default run takes one (each costs ~15 s; tests/test_readme.py runs projects whole with the README's declaration);
 # ORCH_SOAK=1 all five over 5 seeds.
-@pytest.mark.parametrize("seed", range(5) if SOAK else [None])
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", CORRECT if SOAK else ["terminal_not_final"])
 def test_a_registry_correct_under_its_declared_rules_passes_the_whole_suite(suite, name: str,  # type: ignore[no-untyped-def]
                                                                              seed: int | None) -> None:
-    result = suite(f"correct_registries:{name}", *([f"--orch-seed={seed + 1000}"] if seed is not None else []))
+    result = suite(f"correct_registries:{name}", *seeded(seed))
     text = result.stdout.str()
     assert result.ret == pytest.ExitCode.OK, text[-4000:]
     outcomes = result.parseoutcomes()
@@ -63,6 +69,7 @@ def test_a_registry_correct_under_its_declared_rules_passes_the_whole_suite(suit
         assert "does not promise max_depth" in text
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(("name", "declaration"), [
     ("idempotent_kill", 'kill of completed agent a6 returned ok and changed nothing; rules say'
                         ' kill_of_terminal="refused". If that is intended, declare Rules(kill_of_terminal="ignored")'),
@@ -73,8 +80,9 @@ def test_a_registry_correct_under_its_declared_rules_passes_the_whole_suite(suit
                            ' Rules(terminal_is_final=False)'),
 ])
 def test_an_undeclared_rule_fails_the_contract_with_the_declaration_and_skips_the_concurrent_tests(
-        suite, name: str, declaration: str) -> None:  # type: ignore[no-untyped-def]
-    result = suite(f"correct_registries:{name}_undeclared", "-k", "rules_say or distinct_types or stateful")
+        suite, name: str, declaration: str, seed: int | None) -> None:  # type: ignore[no-untyped-def]
+    result = suite(f"correct_registries:{name}_undeclared", "-k", "rules_say or distinct_types or stateful",
+                   *seeded(seed))
     text = result.stdout.str()
     outcomes = result.parseoutcomes()
     assert (outcomes.get("failed"), outcomes.get("skipped")) == (1, 2), text[-3000:]
@@ -85,6 +93,7 @@ def test_an_undeclared_rule_fails_the_contract_with_the_declaration_and_skips_th
     assert "the registry does not follow its declared rules" in text
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(("name", "words"), [
     ("idempotent_kill_lost_write", r"ends (running|working|blocked)/\d+ \(status/progress\)"),
     ("reap_running_to_completed_lost_write", r"ends (running|working|blocked)/\d+ \(status/progress\)"),
@@ -92,8 +101,10 @@ def test_an_undeclared_rule_fails_the_contract_with_the_declaration_and_skips_th
     ("projects_lost_write", r"ends (active|completed|abandoned) \(status\)"),
 ])
 def test_a_lost_write_is_a_lost_update_that_names_the_agent_in_the_registrys_words(
-        suite, name: str, words: str) -> None:  # type: ignore[no-untyped-def]
-    result = suite(f"buggy_registries:{name}", "-k", "distinct_agents_are_never_lost", tries=3)
+        suite, name: str, words: str, seed: int | None) -> None:  # type: ignore[no-untyped-def]
+    # Unseeded, a run that happens not to race gets another (up to 3); each seed of the soak gets one run only.
+    result = suite(f"buggy_registries:{name}", "-k", "distinct_agents_are_never_lost", *seeded(seed),
+                   tries=3 if seed is None else 1)
     text = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
     named = re.search(r"\[lost_update\] agent (\S+) of task \S+ " + words, text)

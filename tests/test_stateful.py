@@ -228,7 +228,12 @@ def test_bursts_over_several_tasks_catch_a_global_registry_written_without_its_l
     scenario); the reference with the global registry's own lock removed loses writes, the reference does not."""
     monkeypatch.setenv("ORCH_BURST_TASKS", "3")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
-    result = run("--pyargs", SUITE, f"--orch-impl={impl}", "--orch-concurrency=10", "--hypothesis-profile=ci")
+    # The race needs writers of two tasks to overlap on the global file: a run of 100 programs misses it now and
+    # then (measured: 1 in about 10), so a run that passes is followed by another, up to three in all.
+    for _ in range(1 if impl == "reference" else 3):
+        result = run("--pyargs", SUITE, f"--orch-impl={impl}", "--orch-concurrency=10", "--hypothesis-profile=ci")
+        if result.ret != pytest.ExitCode.OK:
+            break
     text = result.stdout.str()
     if impl == "reference":
         assert result.ret == pytest.ExitCode.OK, text[-3000:]
