@@ -14,7 +14,7 @@ from typing import Any
 
 from . import model
 from .errors import CorruptRegistry, RegistryError
-from .health import check, repair
+from .health import check, plural, repair
 from .ops import Registry, default_base
 
 HEALTHY, PROBLEMS, ERROR = 0, 1, 2
@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                                                           " global registry")
     rep.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
     rep.add_argument("--restore", action="store_true",
-                     help="replace corrupt files: from their backup, else rebuilt from the other registry")
+                     help="replace a corrupt task registry with its last good copy (its .bak), or else rebuild it from"
+                          " the global registry (prompts and progress are lost); rebuild a corrupt global registry"
+                          " from the task registries. The corrupt file is kept in the backup")
     rep.add_argument("--kill-leaks", action="store_true", help="kill agent_* sessions that no registry knows")
     return parser
 
@@ -58,10 +60,10 @@ def _status(base: Path) -> tuple[int, dict[str, Any], str]:
                "violations": [v.message for v in model.task_violations(task)]}
         rows.append(row)
         lines.append(f"  {task_id}  {row['status']}  {row['agents']} agents, {row['active']} active,"
-                     f" {row['completed']} completed" + (f"  ({len(row['violations'])} problems)"
+                     f" {row['completed']} completed" + (f"  ({plural(len(row['violations']), 'problem')})"
                                                         if row["violations"] else ""))
         code = PROBLEMS if row["violations"] else code
-    header = f"{reg.base}: {len(rows)} tasks"
+    header = f"{reg.base}: {plural(len(rows), 'task')}"
     text = "\n".join([header, *lines, "" if code == HEALTHY else "run `orch-registry check` for details"]).rstrip()
     return code, {"base": str(reg.base), "tasks": rows}, text
 
@@ -98,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             healthy = after.healthy and not done.refused
             code = HEALTHY if healthy and not (args.dry_run and done.actions) else PROBLEMS
             doc = {"repair": done.to_json(), "after": after.to_json()}
-            text = done.render() + "\n" + ("after:\n" if not args.dry_run else "now:\n") + after.render()
+            text = "\n".join(line for line in (
+                done.render(), ("after:" if not args.dry_run else "now:"),
+                after.render(hint=args.dry_run or not done.refused), done.hint()) if line)
     except (RegistryError, OSError) as exc:
         print(f"orch-registry: error: {exc}", file=sys.stderr)
         return ERROR

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -73,26 +74,37 @@ class HealthReport:
     def leaks(self) -> list[str]:
         return sorted(f.path for f in self.of_kind("leak") if f.path)
 
-    def render(self) -> str:
+    def render(self, *, hint: bool = True) -> str:
+        """The report as text; *hint*: end with the repair command (not after a repair: see RepairReport.hint)."""
         sessions = "tmux unreachable" if self.sessions is None else f"{self.sessions} agent sessions alive"
-        lines = [f"{self.base}: {self.tasks} tasks, {self.agents} agents, {self.active} active, {sessions}"]
+        lines = [f"{self.base}: {plural(self.tasks, 'task')}, {plural(self.agents, 'agent')}, {self.active} active,"
+                 f" {sessions}"]
         if self.healthy:
             lines.append("healthy: every invariant holds and the registry agrees with tmux")
             return "\n".join(lines)
         kinds: dict[str, list[Finding]] = {}
         for finding in self.findings:
             kinds.setdefault(finding.kind, []).append(finding)
-        lines.append(f"{len(self.findings)} problems:")
+        lines.append(f"{plural(len(self.findings), 'problem')}:")
         for kind, found in kinds.items():
             lines.append(f"  {kind} ({len(found)})")
             lines.extend(f"    - {f.message}" for f in found)
-        lines.append(f"fix with: orch-registry repair --base {self.base}  (add --dry-run to see what it would do)")
+        if hint:
+            lines.append(f"fix with: orch-registry repair --base {self.base}  (add --dry-run to see what it would do)")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base, "healthy": self.healthy, "tasks": self.tasks, "agents": self.agents,
                 "active": self.active, "sessions": self.sessions, "zombies": self.zombies, "leaks": self.leaks,
                 "findings": [f.to_json() for f in self.findings]}
+
+
+_FLAGS = re.compile(r"--(?:restore|kill-leaks)\b")
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 problem``, ``2 problems``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @dataclass(frozen=True)
@@ -106,10 +118,20 @@ class RepairReport:
     def render(self) -> str:
         head = "would do" if self.dry_run else "did"
         lines = [f"{self.base}: repair {'(dry run) ' if self.dry_run else ''}"
-                 + (f"backed up to {self.backup_dir}" if self.backup_dir else "made no backup")]
+                 + (f"backed up to {self.backup_dir}" if self.backup_dir
+                    else "made no backup" if self.dry_run else "changed no file, so made no backup")]
         lines += [f"  {head}: {a}" for a in self.actions] or ["  nothing to repair"]
         lines += [f"  refused: {r}" for r in self.refused]
         return "\n".join(lines)
+
+    def hint(self) -> str:
+        """What would let a repair do what this one refused: the flags it names, or a person's decision."""
+        flags = sorted({flag for r in self.refused for flag in _FLAGS.findall(r)})
+        if flags:
+            return f"to do what was refused: orch-registry repair {' '.join(flags)} --base {self.base}"
+        if self.refused:
+            return "what was refused is left for a person to decide (no flag of repair changes it)"
+        return ""
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base, "dry_run": self.dry_run, "backup_dir": self.backup_dir,
@@ -378,7 +400,6 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
             global_locked = _lock_global(stack, reg, task_ids, refused)
         tasks, glob, problems = _load_all(reg, task_ids)  # only the tasks whose locks are held
         problems += skipped
-        backup_dir = None if dry_run else _backup(reg, [*files, reg.global_file])
         changed: set[str] = set()
 
         for problem in problems:
@@ -470,6 +491,9 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
         litter = _stale_temps(reg)  # read under the locks: no live writer of ours is between temp and rename
         if litter:
             actions.append(f"removed {len(litter)} temp files left by writers that died mid-write")
+        backup_dir = None
+        if not dry_run and (litter or changed or write_global):  # a repair that changes no file backs up nothing
+            backup_dir = _backup(reg, [*files, reg.global_file])
         if not dry_run:
             for path in litter:
                 path.unlink(missing_ok=True)

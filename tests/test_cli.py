@@ -40,7 +40,7 @@ def healthy(reg: Registry) -> Path:
 def test_check_on_the_samples_reports_exactly_the_one_zombie(samples: Path, tmux: TmuxSessions) -> None:
     result = orch_registry("check", "--base", samples)
     assert result.returncode == 1, result.stderr
-    assert "1 problems:" in result.stdout
+    assert "1 problem:" in result.stdout
     assert f"agent {ZOMBIE} is working but its session agent_{ZOMBIE} is gone" in result.stdout
     report = as_json(orch_registry("check", "--json", "--base", samples))
     assert [(f["kind"], f["agent_id"]) for f in report["findings"]] == [("zombie", ZOMBIE)]
@@ -162,6 +162,21 @@ def test_repair_refuses_a_corrupt_file_without_restore_and_mends_it_with_restore
     assert refused.returncode == 1
     assert "refused" in refused.stdout
     assert task_file.read_bytes() == b"\xff\xfe"
+    # The hint names the flag that would do what was refused, not the command just run.
+    assert f"to do what was refused: orch-registry repair --restore --base {healthy}" in refused.stdout
+    assert "fix with: orch-registry repair --base" not in refused.stdout
     restored = orch_registry("repair", "--restore", "--base", healthy)
     assert restored.returncode == 0, restored.stdout
     assert "rebuilt" in restored.stdout or "restored" in restored.stdout
+
+
+def test_a_repair_that_changes_nothing_makes_no_backup_and_counts_say_one_in_the_singular(healthy: Path) -> None:
+    before = snapshot(healthy)
+    result = orch_registry("repair", "--base", healthy)
+    assert result.returncode == 0, result.stdout
+    assert "changed no file, so made no backup" in result.stdout
+    assert "nothing to repair" in result.stdout
+    assert not (healthy / ".backups").exists()
+    assert snapshot(healthy) == before
+    assert f"{healthy}: 1 task, 1 agent, 1 active" in result.stdout
+    assert orch_registry("status", "--base", healthy).stdout.startswith(f"{healthy}: 1 task\n")
