@@ -264,7 +264,7 @@ def enclosing_function(source: str, line: int) -> tuple[str, int] | None:
     return best
 
 
-_KIND = re.compile(r"^\s*\[([a-z_]+)\]", re.MULTILINE)
+_KIND = re.compile(r"^(?:E\s+)?\s*\[([a-z_]+)\]", re.MULTILINE)  # a report's line, in pytest's "E   " or not
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 
 
@@ -358,6 +358,101 @@ VERDICTS: dict[tuple[str, str, str, str], tuple[str, str]] = {
     ("locking.py", "_alarm_is_free", "flip_compare", "signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)"):
         ("equivalent", "performance only: chooses the polling wait over the alarm-bounded blocking flock; both"
                        " take the same exclusive lock within the same timeout"),
+    # The run of seed 1 at 7c5335c (80 mutants): every survivor the suite reaches, argued one by one.
+    ('groupcommit.py', '_post', 'return_early',     'def _post(queue: Path, token: str, data: bytes) -> bool:'):
+        ('equivalent', "performance only: no outcome goes down a waiter's FIFO, so every outcome is written to <token>.res and the "  # noqa: E501 - the site's source, verbatim
+                       'waiter finds it at its next poll instead of being woken'),
+    ('locking.py', '_wait_with_alarm', 'flip_bool',     'False'):
+        ('equivalent', 'unobservable: re-arms the alarm handler for the one statement before the timer is cancelled (the inner '  # noqa: E501 - the site's source, verbatim
+                       "finally has already disarmed it); an alarm landing exactly there is beyond any test's aim"),
+    ('model.py', 'global_violations', 'delete_statement',     'out.append(Violation("global_count_drift",'):
+        ('equivalent', "the reference's own health check: heal-at-open acts only on violations that name a task, and "
+                       'global_count_drift names none; only `orch-registry check` prints it'),
+    ('store.py', '_replace', 'delete_statement',     'os.fsync(fd)'):
+        ('equivalent', 'not reachable through the adapter: the fsync matters only when the machine loses power; the harness kills '  # noqa: E501 - the site's source, verbatim
+                       'processes, whose writes the page cache keeps'),
+    ('ops.py', '_update_batch', 'delete_statement',
+     'for request in changed:  # the task registry holds them; the global registry is healed later'):
+        ('equivalent', 'an error path only a failing disk reaches (the task write succeeded and the global write failed); the suite '  # noqa: E501 - the site's source, verbatim
+                       'injects no disk faults (tests/test_chaos_disk.py does)'),
+    ('locking.py', 'open_lock_file', 'delete_statement',     'if not stat.S_ISDIR(os.lstat(path.parent).st_mode):'):
+        ('equivalent', 'a guard against a hostile file (a task directory replaced by a symlink or a file), which the suite never '  # noqa: E501 - the site's source, verbatim
+                       'plants (tests/test_hostile.py does)'),
+    ('groupcommit.py', '_wait', 'number_plus_one',     '0'):
+        ('equivalent', 'timing only: a waiter whose lock timeout is under a second polls at POLL instead of its remaining time, so '  # noqa: E501 - the site's source, verbatim
+                       'its LockTimeout may come up to POLL later'),
+    ('model.py', 'global_violations', 'delete_statement',
+     'if agent_id not in seen and (complete or have.get("task_id") in tasks):'):
+        ('equivalent', "the reference's own health check: the global registry never holds an agent its task lacks (the task is "  # noqa: E501 - the site's source, verbatim
+                       'written first), so neither heal-at-open nor the suite can meet one'),
+    ('model.py', 'task_shape_problems', 'delete_statement',
+     'problems.append(f"\'task_id\' is {doc[\'task_id\']!r}, but the file is the registry of task {task_id} (t'):
+        ('equivalent', "only a hand-edited file: a task document whose task_id is not its directory's name, which no operation "  # noqa: E501 - the site's source, verbatim
+                       'writes'),
+    ('ops.py', '__init__', 'flip_compare',     'keep != archive.UNSET'):
+        ('equivalent', 'with ORCH_ARCHIVE_AFTER unset every terminal agent is archived at once, as ORCH_ARCHIVE_AFTER=0 does (a '  # noqa: E501 - the site's source, verbatim
+                       'setting the reference supports; tests/test_archive.py and the crash-point tests run with it): read_global '  # noqa: E501 - the site's source, verbatim
+                       'folds the archive back in, so the documents are the same'),
+    ('groupcommit.py', '_claim', 'negate_if',
+     'if not isinstance(payload, dict):  # not ours to understand: leave it out of the batch'):
+        ('equivalent', 'performance only: every real request is dropped from the batch, so each waiter gets the lock and applies its'  # noqa: E501 - the site's source, verbatim
+                       ' own update'),
+    ('model.py', 'global_shape_problems', 'delete_statement',     'return problems'):
+        ('equivalent', 'only a malformed global registry: the shape check finds nothing, and the suite plants no malformed file (the'  # noqa: E501 - the site's source, verbatim
+                       ' chaos and hostile tests do)'),
+    ('model.py', '', 'flip_compare',     'v is None'):
+        ('equivalent', 'only a malformed global registry: a global view with a null task_id is refused instead of a string one, and '  # noqa: E501 - the site's source, verbatim
+                       'operations write only strings'),
+    ('ops.py', 'create_task', 'delete_statement',     'if file.path.exists():'):
+        ('equivalent', 'the same check runs again under the lock, and the adapter never names a task id'),
+    ('sessions.py', 'alive', 'delete_statement',     'time.sleep(0.02)'):
+        ('equivalent', 'timing only: the pause before asking an exiting tmux server again'),
+    ('store.py', 'crash_point', 'delete_statement',     '_crash_hook(point, path)'):
+        ('equivalent', 'the crash-point hook of the chaos tests, never installed in a suite run'),
+    ('ops.py', '_read_global', 'flip_bool',     'False'):
+        ('equivalent', 'performance only: a writer reads the global registry with its archive folded in and writes it back whole, '  # noqa: E501 - the site's source, verbatim
+                       'and the next compaction archives the same agents again; read_global returns the same document (and no suite '  # noqa: E501 - the site's source, verbatim
+                       'workspace reaches ORCH_ARCHIVE_AFTER)'),
+    ('model.py', 'global_violations', 'flip_arith',
+     'f"the global registry has agent {agent_id} with " + ", ".join(diffs)'):
+        ('equivalent', 'only a message'),
+    ('groupcommit.py', '_claim', 'delete_statement',     'claimed.unlink()'):
+        ('equivalent', 'only a foreign file in the queue (a payload that is not an object), which no registry process writes'),  # noqa: E501 - the site's source, verbatim
+    ('store.py', '_replace', 'delete_statement',     'raise self._failed(exc, replaced) from exc'):
+        ('equivalent', 'an error path only a failing disk reaches (the write or rename failed)'),
+    ('model.py', 'is_valid_name', 'delete_statement',
+     'return isinstance(value, str) and 0 < len(value) <= MAX_NAME and _SAFE_NAME.fullmatch(value) is not '):
+        ('gap', 'task_ids() finds no task, which turns off heal-at-open (and the refusal to start a new global registry over '  # noqa: E501 - the site's source, verbatim
+                "existing tasks): only a process killed between a task's two writes, as that task's last write, leaves "
+                'anything to heal; the suite does not provoke it even under --orch-chaos=sigkill (2 of 2 runs passed)'),
+    ('groupcommit.py', 'promise', 'flip_bool',     'True'):
+        ('equivalent', 'without crashes the batch record is left behind and overwritten by the next batch; recovery matches a record'  # noqa: E501 - the site's source, verbatim
+                       " by the checksum of the file's bytes, so a stale one is never taken for a current one"),
+    ('ops.py', 'kill', 'flip_boolop',     'not killed or exc.applied is not False'):
+        ('equivalent', 'an error path only a failing disk reaches (the write of a kill failed)'),
+    ('groupcommit.py', '_wait', 'negate_if',
+     'if not usable(queue):  # a stray where the queue belongs: wait for the lock itself'):
+        ('equivalent', 'performance only: with a usable queue a waiter waits for the lock itself instead of queueing (what a stray '  # noqa: E501 - the site's source, verbatim
+                       'queue makes it do)'),
+    ('groupcommit.py', 'submit', 'delete_statement',     '_ring_waiting(queue)'):
+        ('equivalent', 'performance only: queued waiters are not woken when the lock comes free; they take it at their next poll'),  # noqa: E501 - the site's source, verbatim
+    ('store.py', 'write_bytes', 'delete_statement',     'io_stats.writes += 1'):
+        ('equivalent', "only the benchmarks' write counter"),
+    ('groupcommit.py', '_lead', 'delete_statement',     'break'):
+        ('equivalent', 'performance only: the leader tries its MORE_BATCHES extra batches even when the queue is empty'),  # noqa: E501 - the site's source, verbatim
+    ('ops.py', 'create_task', 'delete_statement',     '_text("priority", priority)'):
+        ('equivalent', 'the adapter never passes a priority (the default is valid)'),
+    ('ops.py', '_finish', 'delete_statement',     'agent["completed_at"] = stamp'):
+        ('equivalent', 'a field the contract does not define (completed_at); no rule of the spec reads it'),
+    ('model.py', '_agent_ok', 'flip_bool',     'False'):
+        ('equivalent', 'only a malformed agent record passes the fast shape check; operations write none, and the suite plants none'),  # noqa: E501 - the site's source, verbatim
+    ('model.py', '_skip_archived', 'delete_statement',     'return'):
+        ('equivalent', "performance only: with no agent archived the archive's ids are read for nothing"),
+    ('model.py', '_agent_ok', 'delete_statement',     'return True'):
+        ('equivalent', 'performance only: the fast shape check says no and the slow one, which builds the messages, finds nothing'),  # noqa: E501 - the site's source, verbatim
+    ('groupcommit.py', '_put', 'delete_statement',
+     '_write(queue / f"{request.token}.req", orjson.dumps(request.payload))'):
+        ('equivalent', 'performance only: the request is not queued, so the waiter applies it itself once it has the lock'),  # noqa: E501 - the site's source, verbatim
 }
 
 
@@ -476,7 +571,8 @@ def summarize(results: list[Result]) -> dict[str, Any]:
     for r in results:
         if r.outcome == "killed":
             by_test[r.test] = by_test.get(r.test, 0) + 1
-            for kind in r.kinds or ["(no problem kind: " + (r.detail.split(":")[0] or "?") + ")"]:
+            for kind in r.kinds or _KIND.findall(r.detail) or ["(no problem kind: " + (r.detail.split(":")[0] or "?")
+                                                              + ")"]:
                 by_kind[kind] = by_kind.get(kind, 0) + 1
     killed = count["killed"] + count["timeout"]
     return {"sampled": len(results), **count, "equivalent": equivalent, "behaviour_changing": changing,
