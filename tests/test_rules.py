@@ -123,6 +123,7 @@ def test_a_write_flushed_after_the_unlock_is_caught_as_torn_reads(suite) -> None
     assert re.search(r"update: \d+ x JSONDecodeError: .* \(\S*correct_registries.py:\d+\)", text)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(("name", "tests", "expected"), [
     ("reconcile_always_raises", "rules_say",
      r"\[contract\] reconcile of task .* returned info \(RuntimeError: "),
@@ -136,8 +137,8 @@ def test_a_write_flushed_after_the_unlock_is_caught_as_torn_reads(suite) -> None
     ("global_lock_dropped", "many_tasks", r"\[(global_agreement|lost_insert)\] "),
 ])
 def test_a_registry_broken_where_an_info_outcome_could_hide_it_fails(suite, name: str, tests: str,  # type: ignore[no-untyped-def]
-                                                                      expected: str) -> None:
-    result = suite(f"buggy_registries:{name}", "-k", tests, tries=3)
+                                                                      expected: str, seed: int | None) -> None:
+    result = suite(f"buggy_registries:{name}", "-k", tests, *seeded(seed), tries=3 if seed is None else 1)
     text = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
     assert re.search(expected, text), text[-3000:]
