@@ -430,7 +430,7 @@ def repair(base: str | Path, *, dry_run: bool = True, restore: bool = False, kil
                 for agent in task["agents"]:
                     session = model.session_name(agent["id"])
                     if is_active(agent) and session not in alive:
-                        Registry._finish(task, agent, "terminated", stamp, reason="session_not_found")
+                        model.finish_agent(task, agent, "terminated", stamp, reason="session_not_found")
                         actions.append(f"{task_id}: marked zombie {agent['id']} terminated (session_not_found)")
                         changed.add(task_id)
             for key, (old, new) in model.recompute_task_counters(task).items():

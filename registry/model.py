@@ -184,6 +184,22 @@ def recompute_global_totals(glob: dict[str, Any]) -> bool:
     return changed
 
 
+def finish_agent(task: dict[str, Any], agent: dict[str, Any], status: str, stamp: str, reason: str | None) -> None:
+    """Move *agent* of *task* to terminal *status* at *stamp*, adjusting the task's counters exactly once."""
+    was_active = agent.get("status") in ACTIVE
+    agent["status"] = status
+    agent["last_update"] = stamp
+    if status == "completed":
+        agent["completed_at"] = stamp
+        task["completed_count"] = task.get("completed_count", 0) + 1
+    else:
+        agent["terminated_at"] = stamp
+        if reason:
+            agent["termination_reason"] = reason
+    if was_active:
+        task["active_count"] = task.get("active_count", 0) - 1
+
+
 def recompute_task_counters(task: dict[str, Any]) -> dict[str, tuple[Any, int]]:
     """Set total_spawned, active_count and completed_count from the agents list; return what changed (old, new)."""
     agents = task.get("agents", [])

@@ -60,7 +60,7 @@ class _DoubleCountingRegistry(Registry):
     @staticmethod
     def _finish(task: dict[str, Any], agent: dict[str, Any], status: str, stamp: str, reason: str | None) -> None:
         was_active = agent.get("status") in ACTIVE
-        Registry._finish(task, agent, status, stamp, reason)
+        model.finish_agent(task, agent, status, stamp, reason)
         if was_active and status != "completed":
             task["active_count"] -= 1  # the bug: a termination is counted twice
 
