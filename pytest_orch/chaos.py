@@ -40,6 +40,7 @@ import multiprocess  # type: ignore[import-untyped]
 
 from .adapter import ReferenceAdapter
 from .checks import CHECKS, Final, OrchViolation, Report, check_history, read_final
+from .errors import HarnessError
 from .history import HARNESS, History, Op, Recorder, read_events
 from .swarm import SwarmHandle, Worker
 from .tmux import QUIET_AGENT_COMMAND, private_server
@@ -75,7 +76,7 @@ STALL_POINTS = ("holding_lock", "before_temp_write", "after_temp_write", "after_
 CHECKS_WITHOUT_CONCURRENCY = tuple(name for name in CHECKS if name != "real_concurrency")
 
 
-class ChaosError(RuntimeError):
+class ChaosError(HarnessError):
     """A fault could not be injected as asked (the harness's problem, not the registry's)."""
 
 

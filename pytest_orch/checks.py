@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .adapter import promises_of
+from .errors import OrchFailure
 from .history import History, Op
 from .linearize import Applied, Call, Refused, linearize, lost
 from .spec import ALL_PROMISES, ORCHESTRATOR, AgentModel, Spec, spec_of
@@ -742,7 +743,7 @@ class Report:
         return out
 
 
-class OrchViolation(AssertionError):
+class OrchViolation(OrchFailure):
     """A swarm broke a promise of the registry; the message is the report."""
 
     def __init__(self, report: Report, *, full: bool = False) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import multiprocess  # type: ignore[import-untyped]
 
 from .adapter import Rejected, load_factory
+from .errors import OrchFailure
 from .history import History, Op, Outcome, Recorder, raised, read_events
 from .schedule import child as _scheduled_child
 from .spec import rules_of
@@ -37,7 +38,7 @@ __all__ = ["SwarmError", "SwarmTimeout", "Worker", "Workload", "run_swarm"]
 _START_TIMEOUT = 120.0
 
 
-class SwarmError(AssertionError):
+class SwarmError(OrchFailure):
     """The swarm could not run: a worker failed to open its adapter, or the workload itself raised."""
 
 
