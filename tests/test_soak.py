@@ -14,4 +14,4 @@ def test_the_suite_passes_against_the_reference_at_concurrency_10_with_seed(pyte
                                                                             run: int) -> None:
     result = pytester.runpytest_subprocess("--pyargs", "pytest_orch.suite", "--orch-concurrency=10",
                                            f"--orch-seed={1000 + run}", "-k", "not stateful", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=13)  # the contract and the 12 swarm tests
+    result.assert_outcomes(passed=15)  # the contract and the 14 swarm tests
