@@ -11,6 +11,14 @@ Outcomes follow the adapter contract: a return is ``ok``, :class:`~pytest_orch.a
 other exception is ``info``; a worker that dies or does not answer before the timeout leaves its operation ``info``
 with no completion time, is killed, and the pool is rebuilt before the next burst.
 
+Scheduled (``run(..., schedule="pct:3", schedule_seed=...)``, see :mod:`pytest_orch.schedule`): the workers still
+meet at the barrier, then each waits at the beginning of its operation and at every file-system event for the
+scheduler, a thread of this process, to let it go on.  The hook is installed for the one operation
+(:func:`~pytest_orch.schedule.scheduled_op`) and taken off after it, so a persistent worker's next burst, scheduled or
+not, starts clean.  The schedule taken comes back with the records (:attr:`Records.schedule`).  A worker's events
+depend on its own past only where the registry's code does something once per process: libtmux asks tmux its version
+on first use, one event more in a worker's first deploy.
+
 >>> pool = shared_pool(4)                                                    # doctest: +SKIP
 >>> records = pool.run("reference", workspace, [Op("reconcile", task_id)])  # doctest: +SKIP
 """
@@ -31,10 +39,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .adapter import Rejected, load_factory
+from .schedule import EVENTS_PER_OP, Schedule, ScheduleRun, Turn, scheduled_op
 from .tmux import kill_session
 
-__all__ = ["MAX_WORKERS", "BurstError", "Job", "Op", "Record", "WorkerPool", "close_shared_pool", "perform",
-           "shared_pool"]
+__all__ = ["MAX_WORKERS", "BurstError", "Job", "Op", "Record", "Records", "WorkerPool", "close_shared_pool",
+           "perform", "shared_pool"]
 
 #: The most workers a pool keeps; bursts are capped at this many operations.
 MAX_WORKERS = 16
@@ -92,6 +101,12 @@ class Record:
     pid: int | None = None
 
 
+class Records(list[Record]):
+    """The records of one burst, in the order of its operations, and the schedule it took (None: free-running)."""
+
+    schedule: ScheduleRun | None = None
+
+
 @dataclass(frozen=True)
 class Job:
     """What a worker is told for one burst: where, with which implementation, and which operation (if any)."""
@@ -104,6 +119,8 @@ class Job:
     op: Op | None
     index: int
     barrier_timeout: float
+    fifo_dir: str | None = None  # the scheduler's FIFOs when the burst is scheduled
+    label: str = ""  # how the schedule names the operation
 
 
 def perform(adapter: Any, op: Op) -> Any:
@@ -179,7 +196,9 @@ def _worker(conn: Any, barrier: Any) -> None:
         elif job.op is None:
             _reply(conn, ("idle", None))
         else:
-            _reply(conn, ("done", timed(adapter, job.op, job.index)))
+            with scheduled_op(job.fifo_dir, job.index, job.workspace, job.op.kind, job.label or str(job.op)):
+                record = timed(adapter, job.op, job.index)
+            _reply(conn, ("done", record))
 
 
 def _reply(conn: Any, reply: tuple[str, Any]) -> None:
@@ -246,23 +265,48 @@ class WorkerPool:
         return [w.process.pid for w in self._workers]
 
     def run(self, impl: str, workspace: Path, ops: Sequence[Op], *, generation: int = 0, timeout: float = 300.0,
-            env: Mapping[str, str] | None = None) -> list[Record]:
+            env: Mapping[str, str] | None = None, schedule: str | None = None, schedule_seed: str = "0",
+            turns: Sequence[Turn] | None = None, labels: Sequence[str] | None = None) -> Records:
         """Run *ops* at the same time, one per worker, and return one Record per op (in the order of *ops*).
 
-        Raises BurstError if there are more ops than workers, or if the workers could not start the burst.
+        With *schedule* (``"random"`` or ``"pct:D"``) the burst is scheduled, seeded by *schedule_seed* or, for
+        PCT, given its parameters (*turns*, one per op): operation i is process ``p<i>`` of the schedule, and
+        begins as ``begin <labels[i]>`` (default: the Op).  Raises BurstError if there are more ops than workers, or
+        if the workers could not start the burst.
         """
         if len(ops) > self.size:
             raise BurstError(f"a burst of {len(ops)} operations needs {len(ops)} workers; the pool has {self.size}")
         if self._broken or not all(w.process.is_alive() for w in self._workers):
             self._start()
+        scheduler = None
+        if schedule and ops:
+            scheduler = Schedule(schedule, schedule_seed, expected_steps=len(ops) * EVENTS_PER_OP, turns=turns)
+        try:
+            records = self._run(impl, workspace, ops, generation, timeout, env, scheduler, labels)
+            if scheduler is not None:
+                records.schedule = scheduler.stop()
+        finally:
+            if scheduler is not None:
+                scheduler.stop()  # on the way out of an error too: no scheduler thread outlives its burst
+                scheduler.close()
+        return records
+
+    def _run(self, impl: str, workspace: Path, ops: Sequence[Op], generation: int, timeout: float,
+             env: Mapping[str, str] | None, scheduler: Schedule | None, labels: Sequence[str] | None) -> Records:
         from multiprocess.connection import wait  # type: ignore[import-untyped]
 
+        fifo_dir = scheduler.open(len(ops)) if scheduler is not None else None
         start = time.monotonic_ns()
         env = dict(os.environ if env is None else env)
         for i, worker in enumerate(self._workers):
             op = ops[i] if i < len(ops) else None
+            label = labels[i] if labels is not None and op is not None else str(op)
             worker.conn.send_bytes(pickle.dumps(Job(impl, str(workspace), generation, env, list(sys.path), op, i,
-                                                    timeout)))
+                                                    timeout, fifo_dir if op is not None else None, label)))
+        if scheduler is not None:
+            # Persistent workers: each one's sentinel says when it died, and its pid whether it is still working.
+            scheduler.pids = [w.process.pid for w in self._workers[:len(ops)]]
+            scheduler.start_thread([w.process.sentinel for w in self._workers[:len(ops)]], None)
         replies: dict[int, tuple[str, Any]] = {}
         pending = dict(enumerate(self._workers))
         deadline = time.monotonic() + timeout + 5
@@ -294,7 +338,7 @@ class WorkerPool:
         if setup:
             self._broken = True
             raise BurstError(f"a worker could not open the adapter {impl!r} for {workspace}:\n{setup[0]}")
-        records = []
+        records = Records()
         for i, op in enumerate(ops):
             kind, detail = replies[i]
             if kind == "done":

@@ -39,6 +39,13 @@ priority worker runs, and at the i-th change point the running worker's priority
 depth d with probability at least 1/(n k^(d-1)).  Both are seeded from ``--orch-seed`` and the test: the same seed
 replays the same events in the same order.
 
+PCT with drawn parameters (:class:`Turn`, for the Hypothesis state machine's bursts): instead of a seed, each process
+comes with its priority and the one event of its own after which its priority drops (0: none), and the first
+``DEPTH - 1`` drops that happen are PCT's change points.  A change point named by the process and its own event
+(rather than the global step) means the same thing whatever the other processes are: leave one out and the others
+still interleave as before, so Hypothesis can shrink a failing burst to fewer operations, then drop the priority
+changes it does not need (fewer context switches), while the same interleaving of the rest is kept.
+
 Shrinking (:func:`shrink`): a failing schedule is replayed as a *guide*, the sequence of processes it chose (a
 guided scheduler takes the next entry whose process may go, skipping the others, and once the guide is used up
 keeps running the current worker: no further context switches).  First fewer operations (operations are skipped:
@@ -76,7 +83,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Schedule", "ScheduleRun", "ScheduleSpec", "Step", "child", "parse_schedule", "scheduled_op"]
+__all__ = ["Schedule", "ScheduleRun", "ScheduleSpec", "Step", "Turn", "child", "parse_schedule", "scheduled_op"]
 
 #: Seconds a granted worker may take to reach its next event before it counts as blocked (the timing fallback).
 GRACE = float(os.environ.get("ORCH_SCHEDULE_GRACE", "1.0") or 1.0)
@@ -151,6 +158,7 @@ class ScheduleRun:
     seconds: float = 0.0
     preempted_in_op: int = 0  # context switches away from a worker in the middle of an operation
     rerun: Any = None  # the context to run the swarm again (set by the plugin: see for_swarm)
+    drawn: str = ""  # drawn parameters (Turn), shown instead of the seed
 
     @property
     def events(self) -> int:
@@ -186,7 +194,8 @@ class ScheduleRun:
             timing = (f"; {self.blocked} time(s) a worker did not reach its next event within the grace period"
                       f" (blocked outside the locks the scheduler sees) and {self.forced} forced grant(s): from"
                       " there the order depended on timing, so a replay may differ")
-        return (f"schedule {self.spec} (seed {self.seed}): {self.events} events, {self.operations} operations,"
+        origin = f"drawn: {self.drawn}" if self.drawn else f"seed {self.seed}"
+        return (f"schedule {self.spec} ({origin}): {self.events} events, {self.operations} operations,"
                 f" {self.switches} context switches ({self.preempted_in_op} inside an operation) in"
                 f" {self.seconds:.2f} s{timing}")
 
@@ -487,10 +496,15 @@ def _describe_args(name: str, args: Mapping[str, Any]) -> str:
 
 @contextlib.contextmanager
 def scheduled_op(fifo_dir: str | None, index: int, workspace: str, name: str, desc: str) -> Iterator[None]:
-    """In a burst worker: run one operation under the scheduler at *fifo_dir* (a no-op when it is None)."""
+    """In a burst worker: run one operation under the scheduler at *fifo_dir* (a no-op when it is None).
+
+    The worker is persistent (:mod:`pytest_orch.burst`), so it is left as it was found: the FIFOs closed, no
+    scheduler attached (the audit hook and the wrapped calls stay, and do nothing without one) and no locked
+    descriptor remembered, so a later burst sees no ``unlocked`` event of this one."""
     if fifo_dir is None:
         yield
         return
+    global _W
     w = _hook_worker(index, fifo_dir, _roots(Path(workspace)))
     try:
         w.ask(["b", name, desc])
@@ -502,8 +516,8 @@ def scheduled_op(fifo_dir: str | None, index: int, workspace: str, name: str, de
             w.send(["f"])
     finally:
         w.close()
-        global _W
         _W = None
+        _LOCKED.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -540,6 +554,40 @@ class _PCT(_Policy):
         return chosen
 
 
+@dataclass(frozen=True)
+class Turn:
+    """A process's part of a PCT schedule drawn by Hypothesis: its *priority* (higher runs first; ties go to the
+    lower-numbered process) and *change_after*, the number of its own steps after which its priority drops below
+    every other (0: never), if fewer than ``DEPTH - 1`` drops happened before."""
+
+    priority: int = 0
+    change_after: int = 0
+
+    def __str__(self) -> str:
+        return f"priority {self.priority}" + (f", drops after its step {self.change_after}" if self.change_after
+                                               else "")
+
+
+class _Turns(_Policy):
+    """PCT with :class:`Turn` parameters: at most depth-1 drops, the i-th to priority i (below every initial one)."""
+
+    def __init__(self, turns: Sequence[Turn], depth: int) -> None:
+        self.turns = list(turns)
+        self.prio = {p: depth + t.priority for p, t in enumerate(turns)}
+        self.changes_left = depth - 1
+        self.drops = 0
+        self.steps = dict.fromkeys(range(len(turns)), 0)
+
+    def choose(self, enabled: list[int], step: int, current: int | None) -> int:
+        chosen = max(enabled, key=lambda p: (self.prio.get(p, 0), -p))
+        self.steps[chosen] = self.steps.get(chosen, 0) + 1
+        turn = self.turns[chosen] if chosen < len(self.turns) else Turn()
+        if turn.change_after and self.steps[chosen] == turn.change_after and self.drops < self.changes_left:
+            self.drops += 1
+            self.prio[chosen] = self.drops
+        return chosen
+
+
 class _Guided(_Policy):
     """Replays a guide: the next entry whose process may go (others are skipped); then no more context switches."""
 
@@ -565,10 +613,13 @@ class Schedule:
     def __init__(self, spec: ScheduleSpec | str, seed: str, *, kills: int = 0,
                  skip: frozenset[tuple[int, int]] = frozenset(),
                  guide: Sequence[int] | None = None, kills_at: Sequence[int] | None = None,
-                 expected_steps: int | None = None) -> None:
+                 expected_steps: int | None = None, turns: Sequence[Turn] | None = None) -> None:
         if guide is not None:
             spec = ScheduleSpec("guided")
         self.spec = spec if isinstance(spec, ScheduleSpec) else ScheduleSpec.parse(spec)
+        if turns is not None and self.spec.kind != "pct":
+            raise ValueError(f"drawn turns are parameters of PCT, not of {self.spec}")
+        self.turns = list(turns) if turns is not None else None
         self.seed = seed
         self.kills = kills
         self.skip = skip
@@ -584,7 +635,8 @@ class Schedule:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        self.run = ScheduleRun(str(self.spec), seed, skip=skip)
+        self.run = ScheduleRun(str(self.spec), seed, skip=skip,
+                               drawn="; ".join(f"p{p} {t}" for p, t in enumerate(self.turns or ())))
         self._names: dict[str, str] = {}
 
     # The transport ---------------------------------------------------------------------------------------------
@@ -662,6 +714,8 @@ class Schedule:
     def _policy(self, rng: random.Random) -> _Policy:
         if self.guide is not None:
             return _Guided(self.guide)
+        if self.turns is not None:
+            return _Turns(self.turns, self.spec.depth)
         if self.spec.kind == "pct":
             return _PCT(rng, self.n, self.spec.depth, self.expected_steps or 1)
         return _Random(rng)

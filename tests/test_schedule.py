@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pytest_orch.schedule import Schedule, ScheduleSpec, parse_schedule
+from pytest_orch.adapter import load_factory
+from pytest_orch.burst import Op, WorkerPool
+from pytest_orch.schedule import Schedule, ScheduleSpec, Turn, parse_schedule
 from pytest_orch.swarm import Worker, run_swarm
 from pytest_orch.tmux import QUIET_AGENT_COMMAND, private_server
 
@@ -175,3 +178,46 @@ def test_a_registry_whose_io_the_hook_cannot_see_runs_free_and_the_schedule_says
     assert all(s.event.startswith("begin ") for s in history.schedule.steps)
     assert "saw no file-system events" in history.schedule.summary()
     assert "free-running" in history.schedule.summary()
+
+
+def test_a_scheduled_burst_of_the_pool_loses_legacys_insert_the_same_way_twice_and_leaves_its_workers_clean(
+        tmp_path: Path) -> None:
+    """The stateful machine's bursts: persistent pool workers, the hook installed for one operation at a time.  Two
+    legacy deploys, the first preempted after its third read of the task registry (PCT turns as the machine draws
+    them): the second's agent is lost, the same start and turns take the same steps again, and the workers then run
+    a free-running burst as if never scheduled."""
+    os.environ.setdefault("ORCH_AGENT_COMMAND", QUIET_AGENT_COMMAND)
+    pool = WorkerPool(3)
+    try:
+        with private_server(tmp_path / "tmux"):
+            start = tmp_path / "start"
+            start.mkdir()
+            task = load_factory("legacy")(start).create_task("t", max_agents=10, max_concurrent=10, max_depth=3)
+            deploys = [Op("deploy", task, agent_type="builder"), Op("deploy", task, agent_type="fixer")]
+            # A worker's first deploy asks tmux its version (libtmux memoizes it): an event only the first time.
+            warm = tmp_path / "warm"
+            shutil.copytree(start, warm)
+            pool.run("legacy", warm, deploys, timeout=60)
+            taken = []
+            for n in range(2):
+                ws = tmp_path / f"ws{n}"
+                shutil.copytree(start, ws)
+                records = pool.run("legacy", ws, deploys, schedule="pct:3", turns=[Turn(1, 6), Turn(0, 0)],
+                                   timeout=60)
+                assert [r.outcome for r in records] == ["ok", "ok"], records
+                assert records.schedule is not None
+                agents = load_factory("legacy")(ws).read_task(task)["agents"]
+                assert [a["type"] for a in agents] == ["builder"], records.schedule.lines()
+                taken.append(records.schedule)
+            assert taken[0].signature() == taken[1].signature()
+            lines = taken[0].lines()
+            assert lines[5] == "   6. p0 deploy: open t0/AGENT_REGISTRY.json r", lines
+            assert lines[6].startswith("   7. p1 deploy: begin deploy("), lines
+            assert taken[0].deterministic
+            assert taken[0].switches == 2
+            assert "drawn: p0 priority 1, drops after its step 6; p1 priority 0" in taken[0].summary()
+            free = pool.run("legacy", ws, [Op("reconcile", task)] * 3, timeout=60)
+            assert free.schedule is None
+            assert [r.outcome for r in free] == ["ok"] * 3
+    finally:
+        pool.close()
