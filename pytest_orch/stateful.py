@@ -25,6 +25,15 @@ Hypothesis shrinks reproduces; the report says how often it failed.  The verdict
 the first time that program runs, so Hypothesis sees the same program behave the same way while it shrinks and when
 it replays the result.  See :meth:`RegistryMachine.run_burst` and :meth:`RegistryMachine.check`.
 
+Scheduling.  With ``--orch-schedule=random|pct[:DEPTH]`` (:mod:`pytest_orch.schedule`) timing is taken out of it:
+the burst's workers take turns at every file-system event, in an order the scheduler picks.  The burst rule draws
+the schedule with the operations, so it is part of the program: with ``pct`` the operations' order in the burst is
+their PCT priority and each comes with the step of its own after which that priority drops
+(:class:`~pytest_orch.schedule.Turn`), so that Hypothesis shrinks a failing burst to fewer operations and fewer
+priority changes while the rest keep their interleaving; with ``random`` the burst draws the scheduler's seed.  The
+same example replays the same interleaving, so a burst whose schedule the scheduler alone decided runs once, and its
+report prints the steps it took.
+
 Subclass it to add rules, and run it with :func:`run_machine` (or ``MyMachine.TestCase``)::
 
     class MyMachine(RegistryMachine):
@@ -76,6 +85,7 @@ from .conformance import verdict_for
 from .linearize import Applied, Call, Search, linearize, lost
 from .options import orch_args
 from .replay import current_test, replay_command
+from .schedule import EVENTS_PER_OP, ScheduleRun, ScheduleSpec, Turn
 from .spec import (
     ALL_PROMISES,
     ORCHESTRATOR,
@@ -207,6 +217,7 @@ def run_machine(machine: type[RegistryMachine], *, settings: settings | None = N
 def _reset(machine: type[RegistryMachine], lost_first: bool) -> None:
     """Forget every verdict of an earlier run of *machine*."""
     machine._failure_seen = machine._lost_seen = machine._shrink_stopped = False
+    machine._lost_ops = 0
     machine._failure_at = machine._aside_at = None
     machine._lost_first = lost_first
     machine._programs = machine._bursts = 0
@@ -252,6 +263,28 @@ def burst_commands(draw: st.DrawFn, task: str, known: tuple[str, ...], rules: Ru
     """One operation of a burst on *task*, on one of the *known* agent handles (a deploy's handle comes later)."""
     rules = rules or Rules()
     kind = draw(st.sampled_from(BURST_KINDS if known else ("deploy", "reconcile")))
+    return _command(draw, kind, task, known, rules)
+
+
+@st.composite
+def scheduled_burst_commands(draw: st.DrawFn, task: str, known: tuple[str, ...],
+                             rules: Rules | None = None) -> tuple[Command, Turn]:
+    """One operation of a burst under PCT, with its turn: the number of its own steps after which its priority drops
+    (0: never); its priority is its place in the burst (the first runs first).
+
+    The kind and the drop are one choice, so that an operation and its turn stay within five choices (an update's
+    other three, and the list's own): Hypothesis's shrinker deletes at most five consecutive choices at once, and
+    with a sixth it could no longer take out an operation between the two that race.  An update's progress is at
+    least 1: every agent starts at 0, and an update to 0 that is lost shows nothing, so a burst shrunk to it needs a
+    third operation (an earlier update) to show the loss where two would do."""
+    rules = rules or Rules()
+    kinds = BURST_KINDS if known else ("deploy", "reconcile")
+    kind, drop = draw(st.sampled_from([(k, d) for d in range(EVENTS_PER_OP + 1) for k in kinds]))
+    return _command(draw, kind, task, known, rules, least_progress=1), Turn(0, drop)
+
+
+def _command(draw: st.DrawFn, kind: str, task: str, known: tuple[str, ...], rules: Rules,
+             least_progress: int = 0) -> Command:
     if kind == "deploy":
         parents = (ORCHESTRATOR, *known) if rules.hierarchy else (ORCHESTRATOR,)
         return Command("deploy", task, "", draw(st.sampled_from(AGENT_TYPES)), parent=draw(st.sampled_from(parents)))
@@ -260,7 +293,7 @@ def burst_commands(draw: st.DrawFn, task: str, known: tuple[str, ...], rules: Ru
     agent = draw(st.sampled_from(known))
     if kind == "update":
         return Command("update", task, agent, status=draw(st.sampled_from(update_statuses(rules))),
-                       progress=draw(st.integers(0, 100)))
+                       progress=draw(st.integers(least_progress, 100)))
     return Command(kind, task, agent)
 
 
@@ -594,10 +627,18 @@ class Verdict:
     ids: dict[str, str]  # handle -> id, including this run's ok deploys
     calls: list[Call]
     opts: ViewOptions
+    schedule: ScheduleRun | None = None  # the schedule the burst took, when scheduled
 
     @property
     def ok(self) -> bool:
         return self.search.ok
+
+    @property
+    def settled(self) -> bool:
+        """Whether the scheduler alone decided this run's interleaving (no timing fallback, and events to decide
+        at): running it again from the same start takes the same steps, so one run is the verdict."""
+        s = self.schedule
+        return s is not None and s.deterministic and any(not step.event.startswith("begin ") for step in s.steps)
 
 
 @dataclass
@@ -735,6 +776,8 @@ class RegistryMachine(RuleBasedStateMachine):
     _failure_seen: ClassVar[bool] = False
     #: Set when a burst showed a lost update: from then on only lost updates count while shrinking.
     _lost_seen: ClassVar[bool] = False
+    #: Scheduled: the operations of the lost update in hand; while it is shrunk, no larger burst counts.
+    _lost_ops: ClassVar[int] = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -742,6 +785,7 @@ class RegistryMachine(RuleBasedStateMachine):
         self.impl_spec = type(self).impl or opts.impl
         self.timeout = opts.timeout
         self.burst_max = max(2, min(opts.concurrency, MAX_WORKERS))
+        self.schedule_spec = opts.schedule  # --orch-schedule (None: free-running bursts)
         self._stack = contextlib.ExitStack()
         try:
             self.root = Path(tempfile.mkdtemp(prefix="orch-hyp-"))
@@ -903,7 +947,7 @@ class RegistryMachine(RuleBasedStateMachine):
         calls = [Call(i, cmd, rec.invoke, rec.complete, rec.outcome, rec.result)
                  for i, (cmd, rec) in enumerate(zip(commands, records, strict=True))]
         search = self.search(calls, observed, frozenset(ids), opts)
-        return Verdict(commands, records, snap, observed, search, ids, calls, opts)
+        return Verdict(commands, records, snap, observed, search, ids, calls, opts, getattr(records, "schedule", None))
 
     def search(self, calls: Sequence[Call], observed: tuple[Any, ...], known: frozenset[str],
                opts: ViewOptions) -> Search[RegistryModel]:
@@ -951,7 +995,8 @@ class RegistryMachine(RuleBasedStateMachine):
 
         self.check("step", run)
 
-    def run_burst(self, commands: Sequence[Command]) -> None:
+    def run_burst(self, commands: Sequence[Command], schedule_seed: int | None = None,
+                  turns: Sequence[Turn] | None = None) -> None:
         """Run *commands* at the same time in the worker pool and check that some order of them explains the outcome.
 
         Process timing decides whether a racy registry shows its race, so a burst that fails is run again from the
@@ -964,9 +1009,20 @@ class RegistryMachine(RuleBasedStateMachine):
         updates count, so that the shrinker keeps the most telling counterexample instead of slipping to whatever
         else fails.  Before any failure is in hand, one of another kind is set aside for a while
         (:attr:`lost_first_seconds`) while the hunt looks for a lost update.
+
+        Scheduled (``--orch-schedule``; the burst rule draws *turns*, PCT's parameters, or *schedule_seed*, the
+        random scheduler's seed): the burst runs under that schedule, and a run whose interleaving the scheduler
+        alone decided (:attr:`Verdict.settled`) is the verdict: it runs once, pass or fail, since a rerun takes the
+        same steps to the same documents (tests/test_schedule.py replays one).  No reruns, no reliable share, no
+        second run while shrinking.  A run where the scheduler fell back on timing (a worker blocked outside the
+        locks it sees), or that saw no file-system event to schedule, is judged as a free-running one.  While a
+        settled lost update is shrunk, no larger burst counts.  The report of a failure prints the schedule's
+        numbered steps.
         """
         type(self)._bursts += 1
-        self.program.append(tuple(commands))
+        scheduled = self.schedule_spec if schedule_seed is not None or turns is not None else None
+        self.program.append(tuple(commands) if scheduled is None else (tuple(commands), schedule_seed,
+                                                                       tuple(turns or ())))
 
         def run(memo: _Memo | None) -> _Checked:
             pool = shared_pool(self.burst_max)
@@ -979,7 +1035,8 @@ class RegistryMachine(RuleBasedStateMachine):
             ops = [self._op(cmd, before.tasks) for cmd in commands]
             if currently_in_test_context():
                 note("burst: " + "; ".join(f"#{i} {cmd} [{op}]" for i, (cmd, op) in enumerate(zip(commands, ops,
-                                                                                                    strict=True))))
+                                                                                                    strict=True)))
+                     + ("" if scheduled is None else f"; schedule {scheduled}"))
             hunting = memo is None and type(self)._failure_seen
             runs: list[Verdict] = []
 
@@ -987,13 +1044,14 @@ class RegistryMachine(RuleBasedStateMachine):
                 if runs:
                     self._restore(save, before.alive)
                 records = pool.run(self.impl_spec, self.workspace, ops, generation=self.generation,
-                                   timeout=self.timeout)
+                                   timeout=self.timeout, schedule=scheduled, schedule_seed=f"burst:{schedule_seed}",
+                                   turns=turns, labels=[str(cmd) for cmd in commands])
                 runs.append(self.judge(commands, records))
 
             once()
-            if hunting and runs[-1].ok:
+            if hunting and runs[-1].ok and not runs[-1].settled:
                 once()  # a candidate of the shrinker: one pass by luck would throw a smaller failure away
-            while not all(v.ok for v in runs) and len(runs) < 1 + self.reruns:
+            while not all(v.ok for v in runs) and len(runs) < 1 + self.reruns and not runs[-1].settled:
                 once()
             failures = [v for v in runs if not v.ok]
             if runs[-1].ok:
@@ -1007,12 +1065,19 @@ class RegistryMachine(RuleBasedStateMachine):
                     _rare.setdefault(type(self), []).append(str(failure).replace(
                         "{RUNS}", f"it failed in only {len(failures)} of {len(runs)} runs, too rarely to shrink"))
                 return _Checked(None, len(runs), len(failures), quiet=not runs[-1].ok)
-            if hunting and type(self)._lost_seen and not isinstance(failure, LostUpdate):
+            cls = type(self)
+            if hunting and cls._lost_seen and not isinstance(failure, LostUpdate):
+                return _Checked(None, len(runs), len(failures), quiet=not runs[-1].ok)
+            # Scheduled, no burst larger than the lost update in hand counts while it is shrunk: Hypothesis takes a
+            # shorter program for a smaller one even when its burst is larger, and from there it may stop at three
+            # operations (the third making the lost write visible) where two would do.
+            if hunting and runs[-1].settled and 0 < cls._lost_ops < len(commands):
                 return _Checked(None, len(runs), len(failures), quiet=not runs[-1].ok)
             if isinstance(failure, LostUpdate):
-                type(self)._lost_seen = True
-            elif not type(self)._failure_seen and self._still_looking_for_a_lost_update():
-                _aside.setdefault(type(self), []).append(str(failure).replace(
+                cls._lost_seen = True
+                cls._lost_ops = len(commands) if runs[-1].settled else 0
+            elif not cls._failure_seen and self._still_looking_for_a_lost_update():
+                _aside.setdefault(cls, []).append(str(failure).replace(
                     "{RUNS}", f"it failed in {len(failures)} of {len(runs)} runs"))
                 return _Checked(None, len(runs), len(failures), quiet=not runs[-1].ok)
             return _Checked(failure, len(runs), len(failures))
@@ -1086,6 +1151,9 @@ class RegistryMachine(RuleBasedStateMachine):
             detail = rec.result if rec.outcome == "ok" and rec.result is not None else rec.error
             lines.append(f"  #{i}  {ms(rec.invoke)} .. {ms(rec.complete)}  {rec.outcome:<4}  {cmd}"
                          + (f"  -> {detail}" if detail else ""))
+        if verdict.schedule is not None:
+            lines += ["", f"The schedule it took (p<i> runs #i): {verdict.schedule.summary()}:"]
+            lines += verdict.schedule.lines()
         for line in lost_lines:
             lines += ["", line]
         lines += ["", "The model before:"]
@@ -1209,9 +1277,22 @@ class RegistryMachine(RuleBasedStateMachine):
             return burst_commands(t, tuple(self.handles[t]), self.registry_rules)
 
         one = on(task) if len(tasks) == 1 else st.sampled_from(tasks).flatmap(on)
-        drawn = data.draw(st.lists(one, min_size=2, max_size=self.burst_max), label="burst")
+        # Scheduled, the interleaving is drawn too, so that the example replays it and shrinking shrinks it: PCT's
+        # turn with each operation (leaving one out keeps the others' turns), or the random scheduler's seed.
+        seed, turns = None, None
+        if self.schedule_spec and ScheduleSpec.parse(self.schedule_spec).kind == "pct":
+            def turned(t: str) -> st.SearchStrategy[tuple[Command, Turn]]:
+                return scheduled_burst_commands(t, tuple(self.handles[t]), self.registry_rules)
+
+            either = turned(task) if len(tasks) == 1 else st.sampled_from(tasks).flatmap(turned)
+            pairs = data.draw(st.lists(either, min_size=2, max_size=self.burst_max), label="burst")
+            drawn, turns = [c for c, _ in pairs], [t for _, t in pairs]
+        else:
+            drawn = data.draw(st.lists(one, min_size=2, max_size=self.burst_max), label="burst")
+            if self.schedule_spec:
+                seed = data.draw(st.integers(0, 2**32 - 1), label="schedule seed")
         commands = [replace(c, agent=self._new_agent(c.task)) if c.kind == "deploy" else c for c in drawn]
-        self.run_burst(commands)
+        self.run_burst(commands, seed, turns)
         return multiple(*(c.agent for c in commands if c.kind == "deploy"))
 
     # -- invariants -----------------------------------------------------------------------------------------------
