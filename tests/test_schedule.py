@@ -131,8 +131,13 @@ BUGGY = [
 ]
 
 
-@pytest.mark.parametrize(("bug", "tests", "expected"),
-                         BUGGY if SOAK else [b for b in BUGGY if b[0] in ("unlocked", "projects_flush_after_unlock")])
+#: Run by default too.  double_counting and check_then_act were once skipped by the contract check (a counter broken
+#: even run alone, a rule check_then_act did not declare); since the contract tells those apart (211bf29) they fail
+#: with their check, in 6 s and 1 s.
+DEFAULT_BUGS = ("unlocked", "projects_flush_after_unlock", "double_counting", "check_then_act")
+
+
+@pytest.mark.parametrize(("bug", "tests", "expected"), BUGGY if SOAK else [b for b in BUGGY if b[0] in DEFAULT_BUGS])
 def test_every_buggy_registry_fails_under_scheduling_with_the_check_that_names_its_bug(
         run: Any, bug: str, tests: str, expected: str) -> None:
     result = run("--pyargs", "pytest_orch.suite", f"--orch-impl=buggy_registries:{bug}", "--orch-schedule=pct",
