@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .adapter import Rejected, load_factory
+from .errors import HarnessError
 from .schedule import EVENTS_PER_OP, Schedule, ScheduleRun, Turn, scheduled_op
 from .tmux import kill_session
 
@@ -52,7 +53,7 @@ OpKind = Literal["create_task", "deploy", "update", "kill", "reconcile", "lose_s
 Outcome = Literal["ok", "fail", "info"]
 
 
-class BurstError(RuntimeError):
+class BurstError(HarnessError):
     """The harness itself could not run a burst (an adapter that does not open, a broken pool)."""
 
 

@@ -82,6 +82,7 @@ from . import options
 from .adapter import load_factory, promises_of
 from .burst import MAX_WORKERS, Op, Record, shared_pool, timed
 from .conformance import verdict_for
+from .errors import OrchFailure
 from .linearize import Applied, Call, Search, linearize, lost
 from .options import orch_args
 from .replay import current_test, replay_command
@@ -576,7 +577,7 @@ def diff_views(want: tuple[Any, ...], have: tuple[Any, ...]) -> list[str]:
 # Failures
 
 
-class ModelMismatch(AssertionError):
+class ModelMismatch(OrchFailure):
     """The registry's documents are not what the model predicts, or a registry invariant is broken."""
 
 

@@ -99,7 +99,10 @@ REFERENCE_TESTS = "distinct_types or updates_of_distinct or racing_on_the_same o
 
 
 @pytest.mark.parametrize("impl", ["reference", "correct_registries:plain", "correct_registries:projects",
-                                  "correct_registries:with_global"] if SOAK else ["reference"])
+                                  "correct_registries:with_global", "correct_registries:idempotent_kill",
+                                  "correct_registries:reap_running_to_completed",
+                                  "correct_registries:terminal_not_final", "correct_registries:no_max_depth"]
+                         if SOAK else ["reference"])
 @pytest.mark.parametrize("seed", range(20) if SOAK else [3])
 def test_correct_registries_pass_scheduled_runs(run: Any, impl: str, seed: int) -> None:
     result = run("--pyargs", "pytest_orch.suite.test_registry_suite", f"--orch-impl={impl}", "--orch-schedule=pct",
