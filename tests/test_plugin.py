@@ -298,6 +298,7 @@ def test_the_suite_fails_against_legacy_with_a_lost_update_report_naming_the_los
                                                     r" status '\w+' \(task says 'completed'\)"),
     ("check_then_act", "same_type", r"\[duplicate\] task .* had \d+ active (alpha|beta) agents at once"),
     ("check_then_act", "small_max_concurrent", r"\[limits\] task .* over max_concurrent 3"),
+    ("admits_before_lock", "same_type", r"\[duplicate\] task .* had \d+ active (alpha|beta) agents at once"),
 ])
 def test_the_harness_fails_a_registry_with_a_known_bug(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
                                                        bug: str, tests: str, expected: str) -> None:

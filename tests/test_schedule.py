@@ -131,6 +131,8 @@ BUGGY = [
     ("reconcile_lists_before_lock", "racing_with_reconciles", r"\[lost_update\] agent \S+ of task \S+ is terminated"),
     ("reference_global_unlocked", "many_tasks", r"\[global_agreement\] the global registry has agent"),
     ("global_lock_dropped", "many_tasks", r"\[(global_agreement|lost_insert)\] "),
+    ("admits_before_lock", "same_type", r"\[duplicate\] task .* had \d+ active (alpha|beta) agents at once"),
+    ("reconcile_always_raises", "rules_say", r"\[contract\] reconcile of task .* returned info \(RuntimeError: "),
 ]
 
 
