@@ -107,7 +107,7 @@ def _candidates(tree: ast.AST, operator: str) -> list[ast.AST]:
     if operator == "negate_if":
         return [n for n in nodes if isinstance(n, (ast.If, ast.While, ast.IfExp))]
     if operator == "delete_statement":
-        out = []
+        out: list[ast.AST] = []
         for n in nodes:
             for name in ("body", "orelse", "finalbody"):
                 body = getattr(n, name, None)
@@ -140,6 +140,7 @@ def _mutate(node: ast.AST, operator: str, tree: ast.Module) -> None:
         node.value = not node.value
     elif operator == "number_plus_one":
         assert isinstance(node, ast.Constant)
+        assert isinstance(node.value, int | float)
         node.value = node.value + 1
     elif operator == "flip_arith":
         assert isinstance(node, (ast.BinOp, ast.AugAssign))
@@ -482,12 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         parts = [json.loads(p.read_text()) for p in args.render]
-        results = [Result(**{**{k: v for k, v in r.items() if k != "verdict"}, "site": Site(**r["site"])})
-                   for part in parts for r in part["results"]]
+        merged = [Result(**{**{k: v for k, v in r.items() if k != "verdict"}, "site": Site(**r["site"])})
+                  for part in parts for r in part["results"]]
         saved = {**parts[0], "shard": None,
-                 "summary": summarize(results),
-                 "results": [{**asdict(r), "verdict": verdict_of(r.site)} for r in results]}
-        print(render(saved["summary"], results))
+                 "summary": summarize(merged),
+                 "results": [{**asdict(r), "verdict": verdict_of(r.site)} for r in merged]}
+        print(render(saved["summary"], merged))
         args.out.write_text(json.dumps(saved, indent=2) + "\n")
         return 0
 

@@ -144,7 +144,7 @@ class _CheckThenActRegistry:
     def _agent(doc: dict[str, Any], agent_id: str) -> dict[str, Any]:
         from pytest_orch.adapter import Rejected
 
-        agent = next((a for a in doc["agents"] if a["id"] == agent_id), None)
+        agent: dict[str, Any] | None = next((a for a in doc["agents"] if a["id"] == agent_id), None)
         if agent is None:
             raise Rejected(f"no agent {agent_id}")
         return agent

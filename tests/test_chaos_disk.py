@@ -33,6 +33,7 @@ def _workspace(chaos: Chaos, base: Path) -> tuple[Worker, dict[str, Any]]:
     """A task with agents alpha and beta, beta a zombie (its session killed), every call on the chaos tape."""
     w = chaos.worker(ReferenceAdapter(base))
     task = w.registry.create_task("full disk", max_agents=9, max_concurrent=9, max_depth=3)
+    assert task is not None
     context = {"task": task, "alpha": w.registry.deploy(task, "alpha"), "beta": w.registry.deploy(task, "beta")}
     assert None not in context.values()
     assert w.kill_session(f"agent_{context['beta']}")

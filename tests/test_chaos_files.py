@@ -35,6 +35,7 @@ def _workspace(chaos: Chaos, base: Path) -> dict[str, Any]:
     """A task with agents alpha (progress 50), beta and gamma, gamma a zombie; every call on the chaos tape."""
     w = chaos.worker(ReferenceAdapter(base))
     task = w.registry.create_task("corrupt files", max_agents=9, max_concurrent=9, max_depth=3)
+    assert task is not None
     ctx: dict[str, Any] = {"task": task}
     for name in ("alpha", "beta", "gamma"):
         ctx[name] = w.registry.deploy(task, name)

@@ -35,7 +35,8 @@ def test_a_lock_holder_stalled_past_the_others_timeout_makes_them_fail_with_lock
         impatient = ImpatientReference(w.workspace, lock_timeout=0.2)
         mine = w.shared["agents"][1 + w.process]
         for k in range(w.ops):
-            w.call("update", lambda k=k: impatient.update(task, mine, "blocked", k), task_id=task, agent_id=mine,
+            w.call("update", lambda k=k: impatient.update(task, mine, "blocked", k), task_id=task,  # type: ignore[misc]
+                   agent_id=mine,
                    status="blocked", progress=k)
 
     history: History = orch_swarm(work, tasks=[task], concurrency=4, ops=3, shared={"agents": agents},

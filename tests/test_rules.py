@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -19,8 +20,12 @@ TESTS = Path(__file__).resolve().parent
 SOAK = bool(os.environ.get("ORCH_SOAK"))
 
 
+class Suite(Protocol):
+    def __call__(self, impl: str, *args: str, tries: int = 1) -> pytest.RunResult: ...
+
+
 @pytest.fixture
-def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Suite:
     """``suite(impl, *args, tries=1)``: the ready-made suite in a subprocess at concurrency 10.
 
     A race shows only when processes overlap: a bug the run must catch gets up to *tries* runs, and the last is
@@ -55,7 +60,7 @@ def seeded(seed: int | None) -> list[str]:
 # ORCH_SOAK=1 all five over 5 seeds.
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", CORRECT if SOAK else ["terminal_not_final"])
-def test_a_registry_correct_under_its_declared_rules_passes_the_whole_suite(suite, name: str,  # type: ignore[no-untyped-def]
+def test_a_registry_correct_under_its_declared_rules_passes_the_whole_suite(suite: Suite, name: str,
                                                                              seed: int | None) -> None:
     result = suite(f"correct_registries:{name}", *seeded(seed))
     text = result.stdout.str()
@@ -80,7 +85,7 @@ def test_a_registry_correct_under_its_declared_rules_passes_the_whole_suite(suit
                            ' Rules(terminal_is_final=False)'),
 ])
 def test_an_undeclared_rule_fails_the_contract_with_the_declaration_and_skips_the_concurrent_tests(
-        suite, name: str, declaration: str, seed: int | None) -> None:  # type: ignore[no-untyped-def]
+        suite: Suite, name: str, declaration: str, seed: int | None) -> None:
     result = suite(f"correct_registries:{name}_undeclared", "-k", "rules_say or distinct_types or stateful",
                    *seeded(seed))
     text = result.stdout.str()
@@ -101,7 +106,7 @@ def test_an_undeclared_rule_fails_the_contract_with_the_declaration_and_skips_th
     ("projects_lost_write", r"ends (active|completed|abandoned) \(status\)"),
 ])
 def test_a_lost_write_is_a_lost_update_that_names_the_agent_in_the_registrys_words(
-        suite, name: str, words: str, seed: int | None) -> None:  # type: ignore[no-untyped-def]
+        suite: Suite, name: str, words: str, seed: int | None) -> None:
     # Unseeded, a run that happens not to race gets another (up to 3); each seed of the soak gets one run only.
     result = suite(f"buggy_registries:{name}", "-k", "distinct_agents_are_never_lost", *seeded(seed),
                    tries=3 if seed is None else 1)
@@ -114,7 +119,7 @@ def test_a_lost_write_is_a_lost_update_that_names_the_agent_in_the_registrys_wor
         assert "progress" not in text.split("orch: ")[1].split("replay:")[0]  # no progress in its report
 
 
-def test_a_write_flushed_after_the_unlock_is_caught_as_torn_reads(suite) -> None:  # type: ignore[no-untyped-def]
+def test_a_write_flushed_after_the_unlock_is_caught_as_torn_reads(suite: Suite) -> None:
     result = suite("buggy_registries:projects_flush_after_unlock", "-k", "distinct_agents_are_never_lost", tries=3)
     text = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED, text[-3000:]
@@ -136,7 +141,7 @@ def test_a_write_flushed_after_the_unlock_is_caught_as_torn_reads(suite) -> None
     ("reference_global_unlocked", "many_tasks", r"\[global_agreement\] the global registry has agent \S+ with status"),
     ("global_lock_dropped", "many_tasks", r"\[(global_agreement|lost_insert)\] "),
 ])
-def test_a_registry_broken_where_an_info_outcome_could_hide_it_fails(suite, name: str, tests: str,  # type: ignore[no-untyped-def]
+def test_a_registry_broken_where_an_info_outcome_could_hide_it_fails(suite: Suite, name: str, tests: str,
                                                                       expected: str, seed: int | None) -> None:
     result = suite(f"buggy_registries:{name}", "-k", tests, *seeded(seed), tries=3 if seed is None else 1)
     text = result.stdout.str()
@@ -144,7 +149,7 @@ def test_a_registry_broken_where_an_info_outcome_could_hide_it_fails(suite, name
     assert re.search(expected, text), text[-3000:]
 
 
-def test_the_deploy_crashes_are_counted_by_exception_in_the_report_and_the_summary(suite) -> None:  # type: ignore[no-untyped-def]
+def test_the_deploy_crashes_are_counted_by_exception_in_the_report_and_the_summary(suite: Suite) -> None:
     result = suite("buggy_registries:deploy_crashes_sometimes", "-k", "distinct_types")
     text = result.stdout.str()
     count = re.search(r"deploy: (\d+) x JSONDecodeError: \S.* \(\S*buggy_registries.py:\d+\)", text)

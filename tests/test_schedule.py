@@ -175,7 +175,8 @@ def test_a_registry_whose_io_the_hook_cannot_see_runs_free_and_the_schedule_says
     def work(w: Worker) -> None:
         conn = sqlite3.connect(db, timeout=30)  # opened outside any operation: SQLite's I/O is inside C
         for k in range(w.ops):
-            w.call("deploy", lambda k=k: conn.execute("insert into agents values (?)", (f"{w.process}-{k}",))
+            w.call("deploy", lambda k=k: conn.execute("insert into agents values (?)",  # type: ignore[misc]
+                                                       (f"{w.process}-{k}",))
                    .connection.commit(), task_id="t", type="x")
 
     ws = tmp_path / "ws"

@@ -109,7 +109,7 @@ def test_the_machine_fails_against_legacy_with_a_lost_update_shrunk_to_at_most_t
     # Every run must fail with a lost update.  How far Hypothesis shrinks it depends on which of the smaller bursts
     # it tries happen to race reliably (measured: a burst of 4 in about 3 runs of 10), so a run that stops above 3
     # is followed by another, up to four in all.
-    sizes = []
+    sizes: list[int] = []
     while len(sizes) < 4 and (not sizes or sizes[-1] > 3):
         sizes.append(_legacy_failure(run))
     assert min(sizes) <= 3, f"the shrunk lost-update bursts had {sizes} operations"
