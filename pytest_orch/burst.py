@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .adapter import Rejected, load_factory
+from .adapter import load_factory
 from .errors import HarnessError
+from .history import classify
 from .schedule import EVENTS_PER_OP, Schedule, ScheduleRun, Turn, scheduled_op
 from .tmux import kill_session
 
@@ -148,14 +149,8 @@ def perform(adapter: Any, op: Op) -> Any:
 def timed(adapter: Any, op: Op, index: int) -> Record:
     """Run *op* and classify its outcome as the contract says."""
     invoke = time.monotonic_ns()
-    try:
-        result = perform(adapter, op)
-    except Rejected as exc:
-        return Record(index, op, invoke, time.monotonic_ns(), "fail", None, str(exc), os.getpid())
-    except Exception as exc:
-        return Record(index, op, invoke, time.monotonic_ns(), "info", None, f"{type(exc).__name__}: {exc}",
-                      os.getpid())
-    return Record(index, op, invoke, time.monotonic_ns(), "ok", result, "", os.getpid())
+    done = classify(lambda: perform(adapter, op), adapter)
+    return Record(index, op, invoke, time.monotonic_ns(), done.outcome, done.result, done.error, os.getpid())
 
 
 def _set_environ(env: Mapping[str, str]) -> None:

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .adapter import Rejected
-from .history import raised
+from .history import Called, classify, raised
 from .linearize import Applied, Refused
 from .spec import ORCHESTRATOR, AgentModel, Command, RegistryModel, Spec
 from .tmux import kill_session
@@ -59,13 +58,6 @@ class Mismatch:
 
 
 @dataclass
-class _Outcome:
-    outcome: str  # ok | fail | info
-    result: Any = None
-    error: str = ""
-
-
-@dataclass
 class _Probe:
     """The registry and the model side by side, with handles for ids."""
 
@@ -78,15 +70,10 @@ class _Probe:
 
     # -- running one command on both --------------------------------------------------------------------------------
 
-    def call(self, fn: Callable[[], Any]) -> _Outcome:
-        try:
-            return _Outcome("ok", fn())
-        except Rejected as exc:
-            return _Outcome("fail", error=str(exc))
-        except Exception as exc:
-            return _Outcome("info", error=raised(exc, self.adapter).error)
+    def call(self, fn: Callable[[], Any]) -> Called:
+        return classify(fn, self.adapter)
 
-    def run(self, cmd: Command) -> tuple[_Outcome, Applied[RegistryModel] | Refused | tuple[Any, ...]]:
+    def run(self, cmd: Command) -> tuple[Called, Applied[RegistryModel] | Refused | tuple[Any, ...]]:
         a = self.adapter
         task_id = self.ids.get(cmd.task, f"nobody-{cmd.task}")
         agent_id = self.ids.get(cmd.agent, f"nobody-{cmd.agent}")

@@ -11,12 +11,14 @@ import os
 import sysconfig
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
+
+from .adapter import Rejected
 
 Outcome = Literal["ok", "fail", "info"]
 
@@ -98,6 +100,29 @@ def raised(exc: BaseException, adapter: object = None) -> Raised:
             break
     expected = tuple(getattr(adapter, "expected_errors", ()) or ())
     return Raised(f"{type(exc).__name__}: {exc}", type(exc).__name__, where, isinstance(exc, expected))
+
+
+@dataclass(frozen=True)
+class Called:
+    """What one adapter call did, as the contract classifies it: ``ok`` (it returned), ``fail`` (it raised Rejected:
+    refused, nothing changed) or ``info`` (it raised anything else: it may or may not have happened)."""
+
+    outcome: Outcome
+    result: Any = None
+    error: str = ""  # the refusal's message, or ``Type: message`` of what it raised
+    raised: Raised | None = None  # for ``info``: what the exception says (type, registry line, declared or not)
+
+
+def classify(fn: Callable[[], Any], adapter: object = None) -> Called:
+    """Call *fn* (one call of *adapter*) and classify its outcome: the one classifier of the swarm and the bursts."""
+    try:
+        result = fn()
+    except Rejected as exc:
+        return Called("fail", None, str(exc))
+    except Exception as exc:
+        what = raised(exc, adapter)
+        return Called("info", None, what.error, what)
+    return Called("ok", result)
 
 
 class Recorder:

@@ -26,9 +26,9 @@ from typing import Any
 
 import multiprocess  # type: ignore[import-untyped]
 
-from .adapter import Rejected, load_factory
+from .adapter import load_factory
 from .errors import OrchFailure
-from .history import History, Op, Outcome, Recorder, raised, read_events
+from .history import History, Op, Outcome, Recorder, classify, read_events
 from .schedule import child as _scheduled_child
 from .spec import rules_of
 from .tmux import kill_session
@@ -64,20 +64,14 @@ class Worker:
     def call(self, name: str, fn: Callable[[], Any], *, fault: bool = False, **args: Any) -> Any:
         """Run *fn* as operation *name* with *args* recorded; return its result, or None if it did not succeed."""
         index = self._recorder.invoke(name, args, fault=fault)
-        try:
-            result = fn()
-        except Rejected as exc:
-            self._recorder.complete(index, "fail", error=str(exc))
-            self.last = "fail"
-            return None
-        except Exception as exc:
-            what = raised(exc, self.adapter)
-            self._recorder.complete(index, "info", error=what.error, raised=None if fault else what)
-            self.last = "info"
-            return None
-        self._recorder.complete(index, "ok", result if isinstance(result, str | int | float | bool) else None)
-        self.last = "ok"
-        return result
+        done = classify(fn, self.adapter)
+        self.last = done.outcome
+        if done.outcome == "ok":
+            shown = done.result if isinstance(done.result, str | int | float | bool) else None
+            self._recorder.complete(index, "ok", shown)
+            return done.result
+        self._recorder.complete(index, done.outcome, error=done.error, raised=None if fault else done.raised)
+        return None
 
     def kill_session(self, session: str) -> bool:
         """Kill tmux session *session* behind the registry's back (a recorded fault).  True if it was there."""
