@@ -277,14 +277,16 @@ class WorkerPool:
         scheduler = None
         if schedule and ops:
             scheduler = Schedule(schedule, schedule_seed, expected_steps=len(ops) * EVENTS_PER_OP, turns=turns)
+        taken = None
         try:
             records = self._run(impl, workspace, ops, generation, timeout, env, scheduler, labels)
-            if scheduler is not None:
-                records.schedule = scheduler.stop()
         finally:
-            if scheduler is not None:
-                scheduler.stop()  # on the way out of an error too: no scheduler thread outlives its burst
-                scheduler.close()
+            if scheduler is not None:  # on the way out of an error too: no scheduler thread outlives its burst
+                try:
+                    taken = scheduler.stop()
+                finally:
+                    scheduler.close()
+        records.schedule = taken
         return records
 
     def _run(self, impl: str, workspace: Path, ops: Sequence[Op], generation: int, timeout: float,
